@@ -1,0 +1,6 @@
+"""python -m chaussette"""
+
+from chaussette.cli import run
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,42 @@
+"""What the lifecycle expects of a backend adapter."""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chaussette.settings import Settings
+    from chaussette.sockets import Listener
+    from chaussette.wsgi import WSGIApp
+
+
+class Server(abc.ABC):
+    """A backend adapter. The lifecycle calls, in order: ``start`` (serve in the background
+    and return), then on a stop ``stop_accepting``, ``wait_idle`` until in-flight work is
+    done or the graceful timeout passes, and ``close``."""
+
+    def __init__(self, app: WSGIApp, listener: Listener, settings: Settings) -> None:
+        self.app = app
+        self.listener = listener
+        self.settings = settings
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start serving; return at once."""
+
+    @abc.abstractmethod
+    def stop_accepting(self) -> None:
+        """Accept no new connection. The listening socket stays open (a manager or a
+        re-exec may still need it); requests already accepted go on."""
+
+    @abc.abstractmethod
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for in-flight requests; True when none is left."""
+
+    @abc.abstractmethod
+    def in_flight(self) -> int:
+        """Requests (or connections) being served now."""
+
+    def close(self) -> None:
+        """Release what the adapter holds. Unfinished requests are abandoned."""

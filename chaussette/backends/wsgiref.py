@@ -1,0 +1,502 @@
+"""The ``wsgiref`` backend: HTTP/1.x with the standard library only.
+
+The classic chaussette served ``wsgiref.simple_server``: one request at a time, a listen
+queue of 5, the process environment leaked into every environ. This keeps the name and the
+zero dependencies, and is a usable server:
+
+- one thread per connection, at most ``--threads`` at once; at the bound the accept loop
+  waits and new connections queue in the kernel (``--backlog``);
+- one request per connection (``Connection: close``), HTTP/1.1 responses without a length
+  are chunked so that a cut response is visible as cut;
+- the request line and the header block are bounded (414 / 431), a malformed head gets 400;
+  header names with ``_`` are dropped (they would alias ``-`` names in the environ);
+  Content-Length together with Transfer-Encoding is refused (request smuggling);
+- chunked request bodies are decoded; ``Expect: 100-continue`` is answered on first read;
+- ``wsgi.file_wrapper`` files go out with ``sendfile``;
+- on a unix socket REMOTE_ADDR is the socket path.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from email.utils import formatdate
+from typing import Any, BinaryIO
+from urllib.parse import unquote_to_bytes
+from wsgiref.util import FileWrapper
+
+from chaussette import __version__
+from chaussette.backends.base import Server
+from chaussette.wsgi import BodyReader, BodyTruncated, ErrorStream, Response
+
+log = logging.getLogger("chaussette")
+access = logging.getLogger("chaussette.access")
+
+SERVER_SOFTWARE = f"chaussette/{__version__}"
+_STATUS_TEXT = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
+_NO_BODY_CODES = frozenset((204, 304))
+_METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class Request:
+    __slots__ = ("method", "target", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: str,
+                 headers: list[tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+
+
+def read_head(rfile: BinaryIO, max_line: int, max_headers: int) -> Request | None:
+    """Read and check a request head. None if the client closed without sending one."""
+    line = rfile.readline(max_line + 1)
+    while line in (b"\r\n", b"\n"):  # RFC 9112: ignore empty lines before a request
+        line = rfile.readline(max_line + 1)
+    if not line:
+        return None
+    if len(line) > max_line or not line.endswith(b"\n"):
+        if len(line) > max_line:
+            raise BadRequest(414, f"request line longer than {max_line} bytes")
+        raise BadRequest(400, "incomplete request line")
+    parts = line.rstrip(b"\r\n").split(b" ")
+    if len(parts) != 3:
+        raise BadRequest(400, "malformed request line")
+    method, target, version = parts
+    if not method or not set(method) <= _METHOD_CHARS:
+        raise BadRequest(400, "malformed method")
+    if version not in (b"HTTP/1.0", b"HTTP/1.1"):
+        if version.startswith(b"HTTP/"):
+            raise BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        raise BadRequest(400, "malformed HTTP version")
+    if not target or any(c <= 0x20 or c == 0x7F for c in target):
+        raise BadRequest(400, "malformed request target")
+    headers: list[tuple[str, str]] = []
+    budget = max_headers
+    while True:
+        raw = rfile.readline(budget + 1)
+        if not raw.endswith(b"\n"):
+            if len(raw) > budget:
+                raise BadRequest(431, f"request headers larger than {max_headers} bytes")
+            raise BadRequest(400, "incomplete headers")
+        budget -= len(raw)
+        if budget < 0:
+            raise BadRequest(431, f"request headers larger than {max_headers} bytes")
+        raw = raw.rstrip(b"\r\n")
+        if not raw:
+            break
+        if raw[:1] in (b" ", b"\t"):
+            raise BadRequest(400, "obsolete header line folding")
+        name, sep, value = raw.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name:
+            raise BadRequest(400, "malformed header line")
+        if b"\0" in value or b"\r" in value:
+            raise BadRequest(400, "invalid character in a header value")
+        headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
+    return Request(method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"),
+                   headers)
+
+
+class HTTPSink:
+    """HTTP/1.x response framing on a blocking socket."""
+
+    def __init__(self, sock: socket.socket, version: str, head_only: bool) -> None:
+        self.sock = sock
+        self.version = version
+        self.head_only = head_only
+        self.chunked = False
+
+    def send_headers(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        code = int(status[:3])
+        has_length = any(n.lower() == "content-length" for n, _ in headers)
+        lines = [f"HTTP/1.1 {status}", f"Date: {formatdate(usegmt=True)}"]
+        if not any(n.lower() == "server" for n, _ in headers):
+            lines.append(f"Server: {SERVER_SOFTWARE}")
+        lines.extend(f"{n}: {v}" for n, v in headers)
+        bodyless = self.head_only or code in _NO_BODY_CODES or code < 200
+        if not has_length and not bodyless and self.version == "HTTP/1.1":
+            self.chunked = True
+            lines.append("Transfer-Encoding: chunked")
+        lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if bodyless:
+            body = b""
+        self.sock.sendall(head + self._frame(body) if body else head)
+
+    def _frame(self, data: bytes) -> bytes:
+        if self.chunked:
+            return b"%x\r\n%b\r\n" % (len(data), data)
+        return data
+
+    def send_body(self, data: bytes) -> None:
+        if not self.head_only:
+            self.sock.sendall(self._frame(data))
+
+    def send_file(self, file: BinaryIO, count: int | None) -> int | None:
+        if self.chunked:
+            return None
+        if self.head_only:
+            return 0
+        return self.sock.sendfile(file, count=count)
+
+    def finish(self) -> None:
+        if self.chunked and not self.head_only:
+            self.sock.sendall(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        self.chunked = False  # never send the last chunk: the client sees the cut
+
+
+class _LengthSource:
+    def __init__(self, rfile: Any, length: int) -> None:
+        self.rfile = rfile
+        self.left = length
+
+    def __call__(self, size: int) -> bytes:
+        if self.left <= 0:
+            return b""
+        data: bytes = self.rfile.read1(min(size, self.left))
+        if not data:
+            raise BodyTruncated(f"client closed with {self.left} body bytes unsent")
+        self.left -= len(data)
+        return data
+
+    @property
+    def done(self) -> bool:
+        return self.left <= 0
+
+
+class _ChunkedSource:
+    MAX_LINE = 4096
+
+    def __init__(self, rfile: Any) -> None:
+        self.rfile = rfile
+        self.left = 0  # bytes left in the current chunk
+        self.done = False
+
+    def _line(self) -> bytes:
+        line: bytes = self.rfile.readline(self.MAX_LINE + 1)
+        if not line.endswith(b"\n"):
+            raise BodyTruncated("malformed or cut chunked body")
+        return line.rstrip(b"\r\n")
+
+    def __call__(self, size: int) -> bytes:
+        if self.done:
+            return b""
+        if self.left == 0:
+            size_text = self._line().split(b";", 1)[0].strip()
+            try:
+                if not size_text or size_text.startswith((b"-", b"+", b"0x", b"0X")):
+                    raise ValueError
+                self.left = int(size_text, 16)
+            except ValueError:
+                raise BodyTruncated("malformed chunk size") from None
+            if self.left == 0:
+                for _ in range(100):  # trailers, bounded
+                    if not self._line():
+                        break
+                else:
+                    raise BodyTruncated("too many trailer lines")
+                self.done = True
+                return b""
+        data: bytes = self.rfile.read1(min(size, self.left))
+        if not data:
+            raise BodyTruncated("client closed inside a chunk")
+        self.left -= len(data)
+        if self.left == 0 and self._line():
+            raise BodyTruncated("chunk not followed by CRLF")
+        return data
+
+
+class WSGIRefServer(Server):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        s = self.settings
+        self.max_line = s.limit_request_line
+        self.max_headers = s.limit_request_headers
+        self.timeout = s.timeout or None
+        self.slots = threading.BoundedSemaphore(s.threads)
+        self.active = 0
+        self.idle = threading.Condition()
+        self.stopping = threading.Event()
+        self.wake_r, self.wake_w = os.pipe()
+        self.thread: threading.Thread | None = None
+        sock = self.listener.sock
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if self.tcp:
+            host, port = sock.getsockname()[:2]
+            self.server_name, self.server_port = str(host), str(port)
+        else:
+            path = self.listener.unix_path() or ""
+            self.server_name, self.server_port, self.unix_path = path, "", path
+        self.log_access = access.isEnabledFor(logging.INFO)
+
+    # -- Server API --
+
+    def start(self) -> None:
+        self.listener.sock.setblocking(False)
+        self.thread = threading.Thread(target=self._accept_loop, name="chaussette-accept",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop_accepting(self) -> None:
+        self.stopping.set()
+        os.write(self.wake_w, b"x")
+        if self.thread is not None:
+            self.thread.join()
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.active == 0, timeout)
+
+    def in_flight(self) -> int:
+        return self.active
+
+    def close(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- accepting --
+
+    def _accept_loop(self) -> None:
+        listener = self.listener.sock
+        with selectors.DefaultSelector() as sel:
+            sel.register(listener, selectors.EVENT_READ)
+            sel.register(self.wake_r, selectors.EVENT_READ)
+            while not self.stopping.is_set():
+                while not self.slots.acquire(timeout=0.5):  # at the bound: let the queue hold
+                    if self.stopping.is_set():
+                        return
+                conn = None
+                try:
+                    while conn is None and not self.stopping.is_set():
+                        if any(key.fileobj == self.wake_r for key, _ in sel.select()):
+                            break
+                        conn = self._accept(listener)
+                finally:
+                    if conn is None:
+                        self.slots.release()
+                if conn is not None:
+                    self._spawn(*conn)
+
+    def _accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
+        try:
+            return listener.accept()
+        except BlockingIOError:
+            return None  # another process sharing the socket took it
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
+                time.sleep(0.1)
+            elif exc.errno != errno.ECONNABORTED:
+                log.error("accept failed: %s", exc)
+            return None
+
+    def _spawn(self, conn: socket.socket, addr: Any) -> None:
+        with self.idle:
+            self.active += 1
+        thread = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
+                                  name="chaussette-request")
+        try:
+            thread.start()
+        except RuntimeError:  # can't start new thread
+            log.error("cannot start a thread for a connection; closing it")
+            conn.close()
+            self._done()
+
+    def _done(self) -> None:
+        self.slots.release()
+        with self.idle:
+            self.active -= 1
+            if self.active == 0:
+                self.idle.notify_all()
+
+    # -- one connection, one request --
+
+    def _serve(self, conn: socket.socket, addr: Any) -> None:
+        try:
+            conn.setblocking(True)
+            conn.settimeout(self.timeout)
+            if self.tcp:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._handle(conn, addr)
+        except Exception:
+            log.exception("unexpected error serving a connection")
+        finally:
+            try:
+                conn.close()
+            finally:
+                self._done()
+
+    def _handle(self, conn: socket.socket, addr: Any) -> None:
+        started = time.monotonic()
+        rfile = conn.makefile("rb", buffering=65536)
+        try:
+            try:
+                request = read_head(rfile, self.max_line, self.max_headers)
+            except BadRequest as exc:
+                log.info("bad request from %s: %s", self._client(addr), exc)
+                self._reject(conn, exc.status)
+                return
+            except (TimeoutError, ConnectionError):
+                return
+            if request is None:
+                return
+            environ, source = self._environ(request, rfile, conn, addr)
+            if environ is None:
+                return
+            sink = HTTPSink(conn, request.version, request.method == "HEAD")
+            response = Response(self.app, environ, sink)
+            response.run()
+            if self.log_access:
+                self._log_access(environ, response, started)
+            if source is not None and not source.done:
+                self._linger(conn)
+        finally:
+            rfile.close()
+
+    def _client(self, addr: Any) -> str:
+        return str(addr[0]) if self.tcp else self.unix_path
+
+    def _environ(
+        self, request: Request, rfile: Any, conn: socket.socket, addr: Any
+    ) -> tuple[dict[str, Any] | None, Any]:
+        target = request.target
+        if "://" in target and not target.startswith("/"):  # absolute-form
+            rest = target.split("://", 1)[1]
+            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        path, _, query = target.partition("?")
+        path = path.split("#", 1)[0]
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+            "QUERY_STRING": query.split("#", 1)[0],
+            "RAW_URI": request.target,
+            "REQUEST_URI": request.target,
+            "SERVER_NAME": self.server_name,
+            "SERVER_PORT": self.server_port,
+            "SERVER_PROTOCOL": request.version,
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "REMOTE_ADDR": str(addr[0]) if self.tcp else self.unix_path,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": ErrorStream(),
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+        if self.tcp:
+            environ["REMOTE_PORT"] = str(addr[1])
+        length: str | None = None
+        chunked = False
+        expect_continue = False
+        for name, value in request.headers:
+            if "_" in name:
+                continue  # X_Forwarded_For would alias X-Forwarded-For
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_LENGTH":
+                if length is not None and length != value:
+                    self._reject(conn, 400)
+                    return None, None
+                length = value
+                continue
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = value
+                continue
+            if key == "TRANSFER_ENCODING":
+                if value.lower() != "chunked":
+                    self._reject(conn, 501)
+                    return None, None
+                chunked = True
+            elif key == "EXPECT" and value.lower() == "100-continue":
+                expect_continue = True
+            key = "HTTP_" + key
+            if key in environ:
+                sep = "; " if key == "HTTP_COOKIE" else ", "
+                environ[key] += sep + value
+            else:
+                environ[key] = value
+        if chunked and length is not None:
+            self._reject(conn, 400)  # both framings: a smuggling attempt
+            return None, None
+        source: _LengthSource | _ChunkedSource | None
+        if chunked:
+            source = _ChunkedSource(rfile)
+        else:
+            if length is not None:
+                if not length.isdigit():
+                    self._reject(conn, 400)
+                    return None, None
+                environ["CONTENT_LENGTH"] = length
+            source = _LengthSource(rfile, int(length or 0))
+        before = None
+        if expect_continue and request.version == "HTTP/1.1" and not source.done:
+            def before() -> None:
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        environ["wsgi.input"] = BodyReader(source, before)
+        host = environ.get("HTTP_HOST")
+        if host and not self.tcp:
+            environ["SERVER_NAME"] = host.rsplit(":", 1)[0] if "]" not in host else host
+        return environ, source
+
+    def _reject(self, conn: socket.socket, status: int) -> None:
+        text = _STATUS_TEXT.get(status, "Bad Request")
+        body = f"{status} {text}\n".encode()
+        head = (f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            conn.sendall(head + body)
+            self._linger(conn)
+        except OSError:
+            pass
+
+    def _linger(self, conn: socket.socket) -> None:
+        """Close without RST: closing with unread input would reset the connection and
+        could destroy the response before the client reads it."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(1.0)
+            budget = 1 << 20
+            while budget > 0:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                budget -= len(data)
+        except OSError:
+            pass
+
+    def _log_access(self, environ: dict[str, Any], response: Response, started: float) -> None:
+        uri = environ.get("RAW_URI", "")
+        access.info(
+            '%s - - [%s] "%s %s %s" %s %s "%s" "%s" %.3f',
+            environ.get("REMOTE_ADDR", "-"),
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+            environ["REQUEST_METHOD"], uri, environ["SERVER_PROTOCOL"],
+            response.status_code or "-", response.body_bytes or "-",
+            environ.get("HTTP_REFERER", "-"), environ.get("HTTP_USER_AGENT", "-"),
+            time.monotonic() - started,
+        )

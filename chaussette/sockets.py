@@ -1,0 +1,260 @@
+"""Listen spec -> listening socket, and who owns what.
+
+Three ways to a listener, in this order:
+
+1. a re-exec of ourselves (SIGHUP, reloader) hands the same fd over in the environment;
+2. an inherited fd: ``--fd N``, ``--host fd://N`` or systemd's ``LISTEN_FDS``;
+3. a socket we bind: TCP (v4/v6) with SO_REUSEADDR, or a unix socket.
+
+An inherited fd is adopted with ``socket.socket(fileno=N)``, which reads the real family and
+type from the kernel; it is then checked to be a listening stream socket. We never guess a
+family.
+
+A unix socket path is removed at exit only if we created it and the file there is still the
+one we created (same device and inode). A stale path is replaced only if it is a socket
+nobody listens on; anything else there is an error and is never deleted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from chaussette import systemd
+from chaussette.errors import SocketError
+from chaussette.settings import Settings
+
+log = logging.getLogger("chaussette")
+
+REEXEC_FD = "CHAUSSETTE_REEXEC_FD"
+REEXEC_PID = "CHAUSSETTE_REEXEC_PID"
+REEXEC_OWNED = "CHAUSSETTE_REEXEC_OWNED"  # "dev:ino:path" of a unix socket file we own
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    origin: str  # "bound", "fd", "systemd", "re-exec"
+    owned_path: str | None = None  # a unix socket file we created
+    owned_id: tuple[int, int] | None = None  # its (st_dev, st_ino)
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        return self.sock.family
+
+    @property
+    def is_unix(self) -> bool:
+        return self.sock.family == socket.AF_UNIX
+
+    def describe(self) -> str:
+        name = self.sock.getsockname()
+        if self.is_unix:
+            where = f"unix:{name}" if name else "unix:(unnamed)"
+        elif self.sock.family == socket.AF_INET6:
+            where = f"http://[{name[0]}]:{name[1]}"
+        else:
+            where = f"http://{name[0]}:{name[1]}"
+        fd = self.sock.fileno()
+        return f"{where} (fd {fd}, {self.origin})"
+
+    def unix_path(self) -> str | None:
+        if not self.is_unix:
+            return None
+        name = self.sock.getsockname()
+        return name if isinstance(name, str) and name else None
+
+    def close(self) -> None:
+        """Close our copy of the socket and remove the file we created, if still ours."""
+        try:
+            self.sock.close()
+        finally:
+            path, ident = self.owned_path, self.owned_id
+            self.owned_path = self.owned_id = None
+            if path and ident:
+                remove_if_ours(path, ident)
+
+    def hand_over(self) -> None:
+        """Prepare the fd (and ownership of a unix file) for a re-exec of this process."""
+        fd = self.sock.fileno()
+        os.set_inheritable(fd, True)
+        os.environ[REEXEC_FD] = str(fd)
+        os.environ[REEXEC_PID] = str(os.getpid())
+        if self.owned_path and self.owned_id:
+            dev, ino = self.owned_id
+            os.environ[REEXEC_OWNED] = f"{dev}:{ino}:{self.owned_path}"
+
+
+def remove_if_ours(path: str, ident: tuple[int, int]) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) != ident or not stat.S_ISSOCK(st.st_mode):
+        log.info("not removing %s: it is no longer the socket we created", path)
+        return
+    os.unlink(path)
+
+
+def get_listener(settings: Settings) -> Listener:
+    """The listening socket these settings ask for."""
+    handed = _from_reexec()
+    if handed is not None:
+        return handed
+    fd = settings.fd
+    host = settings.host
+    if fd is None and host.startswith("fd://"):
+        fd = _parse_fd_url(host)
+    if fd is not None:
+        return Listener(adopt_fd(fd, f"--fd {fd}"), "fd")
+    activated = systemd.listen_fds()
+    if activated:
+        if settings.explicit & {"host", "port"}:
+            raise SocketError(
+                "systemd passed a socket (LISTEN_FDS) and --host/--port ask for a new one: "
+                "drop --host/--port, or run without socket activation"
+            )
+        if len(activated) > 1:
+            log.warning("systemd passed %d sockets; serving on the first (fd %d)",
+                        len(activated), activated[0])
+        return Listener(adopt_fd(activated[0], f"LISTEN_FDS fd {activated[0]}"), "systemd")
+    if host.startswith("unix:"):
+        return bind_unix(host[len("unix:"):], settings.backlog, settings.socket_mode)
+    return bind_tcp(host, settings.port, settings.backlog, settings.address_family)
+
+
+def _parse_fd_url(host: str) -> int:
+    text = host[len("fd://"):]
+    if not text.isdigit():
+        raise SocketError(f"--host {host}: expected fd://N with N a file descriptor number")
+    return int(text)
+
+
+def _from_reexec() -> Listener | None:
+    fd_text = os.environ.pop(REEXEC_FD, None)
+    pid_text = os.environ.pop(REEXEC_PID, None)
+    owned = os.environ.pop(REEXEC_OWNED, None)
+    if fd_text is None or pid_text != str(os.getpid()):
+        return None  # not ours: a child of a re-exec'd chaussette must not take it
+    fd = int(fd_text)
+    sock = adopt_fd(fd, f"re-exec fd {fd}")
+    listener = Listener(sock, "re-exec")
+    if owned:
+        dev, ino, path = owned.split(":", 2)
+        listener.owned_path, listener.owned_id = path, (int(dev), int(ino))
+    return listener
+
+
+def adopt_fd(fd: int, what: str) -> socket.socket:
+    """Take over an inherited listening stream socket; refuse anything else in one line."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise SocketError(
+                f"{what}: not an open file descriptor (is the process manager passing "
+                "the socket, e.g. Circus use_sockets = True?)"
+            ) from None
+        raise SocketError(f"{what}: {exc.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"{what}: not a socket (is the process manager passing "
+                          "the socket, e.g. Circus use_sockets = True?)")
+    sock = socket.socket(fileno=fd)
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        if kind != socket.SOCK_STREAM:
+            raise SocketError(f"{what}: not a stream socket (type {_type_name(kind)}); "
+                              "HTTP needs SOCK_STREAM")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise SocketError(f"{what}: the socket is not listening "
+                              "(the process manager must bind and listen() before passing it)")
+    except BaseException:
+        sock.detach()  # not ours to close: leave the fd as we found it
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def _type_name(kind: int) -> str:
+    for name in ("SOCK_DGRAM", "SOCK_RAW", "SOCK_SEQPACKET", "SOCK_RDM"):
+        if getattr(socket, name, None) == kind:
+            return name
+    return str(kind)
+
+
+def split_host(host: str) -> str:
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
+
+
+def bind_tcp(host: str, port: int, backlog: int, family_name: str | None) -> Listener:
+    family = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6}.get(
+        family_name or "", socket.AF_UNSPEC
+    )
+    bare = split_host(host)
+    try:
+        infos = socket.getaddrinfo(bare or None, port, family, socket.SOCK_STREAM, 0,
+                                   socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SocketError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    last: OSError | None = None
+    for fam, kind, proto, _, addr in infos:
+        sock = socket.socket(fam, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return Listener(sock, "bound")
+    assert last is not None
+    where = f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+    raise SocketError(f"cannot bind {where}: {last.strerror}") from None
+
+
+def bind_unix(path: str, backlog: int, mode: int | None) -> Listener:
+    if not path:
+        raise SocketError("--host unix: needs a path, e.g. unix:/run/app.sock")
+    if len(os.fsencode(path)) >= 108:
+        raise SocketError(f"unix socket path too long (max 107 bytes): {path}")
+    _clear_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        st = os.lstat(path)
+        if mode is not None:
+            os.chmod(path, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise SocketError(f"cannot bind unix:{path}: {exc.strerror}") from None
+    return Listener(sock, "bound", owned_path=path, owned_id=(st.st_dev, st.st_ino))
+
+
+def _clear_stale(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketError(f"unix:{path}: a file that is not a socket is in the way; "
+                          "remove it yourself if it is not needed")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.info("removing stale unix socket %s (nothing listens on it)", path)
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise SocketError(f"unix:{path}: cannot check the existing socket ({exc.strerror})") \
+            from None
+    finally:
+        probe.close()
+    raise SocketError(f"unix:{path}: another process is listening on it")
