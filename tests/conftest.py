@@ -1,0 +1,258 @@
+"""Shared test harness: real chaussette processes on real sockets.
+
+- ``Proc``: a ``python -m chaussette ...`` child, output captured to a file (never a pipe
+  that could fill), stopped and reaped at teardown.
+- ``http_request``: a tiny raw HTTP/1.1 client over TCP or a unix socket.
+- ``require_peer``: a system program the test needs; skips when absent unless
+  CHAUSSETTE_REQUIRE_PEERS=1, where a missing peer fails.
+- ``short_tmp``: a short temp dir for unix sockets (paths must be < 108 bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+ROUTES_APP = "tests.apps.routes:application"
+REQUIRE_PEERS = os.environ.get("CHAUSSETTE_REQUIRE_PEERS") == "1"
+
+
+def require_peer(program: str, package: str) -> str:
+    """Path of a system program; skip (or fail under CHAUSSETTE_REQUIRE_PEERS=1) if absent."""
+    path = shutil.which(program)
+    if path is None:
+        message = f"{program} not found: apt-get install {package}"
+        if REQUIRE_PEERS:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def chaussette_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "chaussette", *args]
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.pop("CHAUSSETTE_REQUIRE_PEERS", None)
+    for key in list(env):
+        if key.startswith("CHAUSSETTE_") or key.startswith("LISTEN_") or key == "NOTIFY_SOCKET":
+            env.pop(key)
+    if extra:
+        env.update(extra)
+    return env
+
+
+class Proc:
+    """A running chaussette (or other) process with its output in a file."""
+
+    def __init__(self, args: list[str], *, cwd: str | Path | None = None,
+                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (),
+                 log_dir: Path | None = None) -> None:
+        log_dir = Path(log_dir or tempfile.mkdtemp(prefix="chs-log-"))
+        self.log_path = log_dir / f"proc-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        self.args = args
+        self.popen = subprocess.Popen(
+            args, cwd=str(cwd or ROOT), env=env if env is not None else child_env(),
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds, start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def send(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.popen.wait(timeout)
+
+    def wait_for_output(self, text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.output():
+                return
+            if self.popen.poll() is not None and text not in self.output():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in output of {self.args}:\n{self.output()}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+def connect(address: tuple[str, int] | str, timeout: float = 10) -> socket.socket:
+    if isinstance(address, str):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class HTTPResponse:
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]],
+                 body: bytes, raw: bytes) -> None:
+        self.status, self.reason, self.headers, self.body, self.raw = (
+            status, reason, headers, body, raw)
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+
+def parse_response(raw: bytes, head_only: bool = False) -> HTTPResponse:
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise AssertionError(f"incomplete response: {raw[:200]!r}")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
+    resp = HTTPResponse(int(status), reason, headers, b"", raw)  # type: ignore[arg-type]
+    if head_only:
+        resp.body = rest
+    elif (resp.header("transfer-encoding") or "").lower() == "chunked":
+        resp.body = dechunk(rest)
+    elif resp.header("content-length") is not None:
+        n = int(resp.header("content-length") or 0)
+        if len(rest) < n:
+            raise AssertionError(f"body cut: {len(rest)} of {n} bytes")
+        resp.body = rest[:n]
+    else:
+        resp.body = rest
+    return resp
+
+
+def dechunk(data: bytes) -> bytes:
+    out = []
+    while True:
+        line, sep, data = data.partition(b"\r\n")
+        if not sep:
+            raise AssertionError("chunked body cut (no size line)")
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        if len(data) < size + 2:
+            raise AssertionError("chunked body cut inside a chunk")
+        out.append(data[:size])
+        data = data[size + 2:]
+
+
+def http_request(address: tuple[str, int] | str, path: str = "/", method: str = "GET",
+                 body: bytes = b"", headers: dict[str, str] | None = None,
+                 timeout: float = 10) -> HTTPResponse:
+    """One request on a new connection, read until the server closes."""
+    hdrs = {"Host": "localhost", "Connection": "close"}
+    if body or method in ("POST", "PUT"):
+        hdrs["Content-Length"] = str(len(body))
+    hdrs.update(headers or {})
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hdrs.items())
+    with connect(address, timeout) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+        raw = read_all(sock)
+    return parse_response(raw, head_only=(method == "HEAD"))
+
+
+def read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        data = sock.recv(262144)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def wait_http(address: tuple[str, int] | str, proc: Proc | None = None, path: str = "/",
+              timeout: float = 20) -> HTTPResponse:
+    """Poll until an HTTP request succeeds (a TCP connect alone proves nothing)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(f"process exited {proc.popen.returncode}:\n{proc.output()}")
+        try:
+            return http_request(address, path, timeout=5)
+        except (OSError, AssertionError) as exc:
+            last = exc
+            time.sleep(0.05)
+    extra = f"\n{proc.output()}" if proc else ""
+    raise AssertionError(f"no HTTP answer from {address}: {last}{extra}")
+
+
+@pytest.fixture
+def short_tmp():
+    path = tempfile.mkdtemp(prefix="chs-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    """Start processes that are always stopped at teardown: ``procs.start(args, ...)``."""
+
+    class Procs:
+        def __init__(self) -> None:
+            self.started: list[Proc] = []
+
+        def start(self, args: list[str], **kw) -> Proc:
+            kw.setdefault("log_dir", tmp_path)
+            proc = Proc(args, **kw)
+            self.started.append(proc)
+            return proc
+
+        def chaussette(self, *args: str, **kw) -> Proc:
+            return self.start(chaussette_cmd(*args), **kw)
+
+    holder = Procs()
+    yield holder
+    for proc in holder.started:
+        if proc.popen.poll() is None:
+            proc.kill()
+        with contextlib.suppress(Exception):
+            proc._log.close()
