@@ -30,6 +30,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -39,10 +40,16 @@ from typing import Any
 from chaussette.errors import AppLoadError, MissingDependency
 
 FILE_SUFFIXES = (".py", ".wsgi")
+FILE_MODULE_PREFIX = "_chaussette_app_"  # sys.modules name of an app run from a file
+
+log = logging.getLogger("chaussette")
 
 
 def add_python_path(paths: Sequence[str]) -> None:
-    """Put --python-path entries and the working directory in front of sys.path."""
+    """Put --python-path entries, then the working directory, in front of sys.path."""
+    for entry in paths:
+        if not os.path.isdir(entry):
+            log.warning("--python-path %s: no such directory", entry)
     for entry in [*paths, os.getcwd()][::-1]:
         entry = os.path.abspath(entry)
         if entry in sys.path:
@@ -51,53 +58,70 @@ def add_python_path(paths: Sequence[str]) -> None:
 
 
 def load_app(spec: str, args: Sequence[str] = (), mod_wsgi: bool = False) -> Callable[..., Any]:
-    """The WSGI callable named by ``spec``."""
+    """The WSGI callable named by ``spec``; ``AppLoadError`` (exit 3) saying why not."""
     if spec.startswith("paste:"):
         if args:
-            raise AppLoadError(f"{spec}: ARGS are not used by a paste: app ({' '.join(args)})")
-        return _check_callable(spec, load_paste(spec[len("paste:"):]))
+            raise AppLoadError(
+                f"{spec}: ARGS ({' '.join(args)}) are not used by a paste: app; "
+                "set them in the ini file"
+            )
+        return _check_callable(spec, load_paste(spec[len("paste:") :]))
     path, attr = _split_file_spec(spec)
     if path is not None:
         module = _load_file(path)
-        obj = _resolve_in_module(spec, module, attr, args, mod_wsgi)
-        return _check_callable(spec, obj)
+        return _check_callable(spec, _resolve_in_module(spec, module, attr, args, mod_wsgi))
     if ":" in spec:
         module_name, _, expr = spec.partition(":")
         if not module_name or not expr:
-            raise AppLoadError(f"{spec!r}: expected pkg.module:object")
+            raise AppLoadError(f"{spec}: expected pkg.module:object or pkg.module:factory()")
         module = import_module(module_name, spec)
-        obj = _resolve_in_module(spec, module, expr, args, mod_wsgi)
-        return _check_callable(spec, obj)
+        return _check_callable(spec, _resolve_in_module(spec, module, expr, args, mod_wsgi))
     module, rest = _import_longest(spec)
-    if rest:
-        obj = _get_attrs(spec, module, rest)
-        if args:
-            raise AppLoadError(f"{spec}: ARGS given ({' '.join(args)}) but {spec} is not a "
-                               f"factory call; write {module.__name__}:{'.'.join(rest)}()")
-    else:
-        obj = _module_app(spec, module, args, mod_wsgi)
-    return _check_callable(spec, obj)
+    if not rest:
+        return _check_callable(spec, _module_app(spec, module, args, mod_wsgi))
+    if args:
+        raise AppLoadError(
+            f"{spec}: ARGS given ({' '.join(args)}) but {spec} is not a factory call; "
+            f"write {module.__name__}:{'.'.join(rest)}() to call it with them"
+        )
+    return _check_callable(spec, _get_attrs(spec, module, rest))
+
+
+# -- files --
 
 
 def _split_file_spec(spec: str) -> tuple[str | None, str | None]:
-    """A file path, with an optional ``:obj`` after it."""
-    path, attr = spec, None
-    head, sep, tail = spec.rpartition(":")
-    if sep and head.endswith(FILE_SUFFIXES):
-        path, attr = head, tail
-    if path.endswith(FILE_SUFFIXES) or os.sep in path:
-        if path.endswith(".py") and os.sep not in path and not os.path.exists(path):
-            return None, None  # "mod.py" is not a dotted name anyone means; fall through
-        if not os.path.isfile(path):
-            raise AppLoadError(f"{spec}: no such file {os.path.abspath(path)}")
-        return path, attr
-    return None, None
+    """A file path, with an optional ``:obj`` after it; ``(None, None)`` if not a file.
+
+    Only the part before the first ``:`` is looked at, so that ``pkg.mod:obj.wsgi`` and
+    ``pkg.mod:factory('/etc/app.conf')`` stay module specs.
+    """
+    head, sep, tail = spec.partition(":")
+    is_path = os.sep in head or bool(os.altsep and os.altsep in head)
+    if not is_path and not head.endswith(FILE_SUFFIXES):
+        return None, None
+    if not is_path and not os.path.exists(head):
+        # "mysite.wsgi" is also a dotted module name (a Django project's wsgi module)
+        top = head.partition(".")[0]
+        if top.isidentifier() and importlib.util.find_spec(top) is not None:
+            return None, None
+        raise AppLoadError(
+            f"{spec}: no such file {os.path.abspath(head)}, and no module named {top!r}"
+        )
+    if os.path.isdir(head):
+        raise AppLoadError(
+            f"{spec}: {os.path.abspath(head)} is a directory; name a .py or .wsgi file in it"
+        )
+    if not os.path.isfile(head):
+        raise AppLoadError(f"{spec}: no such file {os.path.abspath(head)}")
+    return head, (tail if sep else None)
 
 
 def _load_file(path: str) -> ModuleType:
-    """Run a .py/.wsgi file as a module, the way mod_wsgi does."""
+    """Run a .py/.wsgi file as a module, the way mod_wsgi does; its directory goes on
+    sys.path so that it can import its neighbours."""
     full = os.path.abspath(path)
-    name = "_chaussette_app_" + "".join(c if c.isalnum() else "_" for c in full)
+    name = FILE_MODULE_PREFIX + "".join(c if c.isalnum() else "_" for c in full)
     loader = importlib.machinery.SourceFileLoader(name, full)
     mod_spec = importlib.util.spec_from_loader(name, loader)
     assert mod_spec is not None
@@ -108,110 +132,173 @@ def _load_file(path: str) -> ModuleType:
     sys.modules[name] = module
     try:
         loader.exec_module(module)
-    except BaseException as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit too: a sys.exit() while loading is a failure
         sys.modules.pop(name, None)
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise AppLoadError(f"{path}: the file raised {type(exc).__name__} while loading",
-                           exc) from None
+        raise AppLoadError(f"{path}: running the file raised {_what(exc)}", exc) from None
     return module
 
 
-def import_module(name: str, spec: str) -> ModuleType:
-    """Import ``name``; say which part of the dotted path did import when it fails."""
+def _display(module: ModuleType) -> str:
+    """How to name a module in a message: its dotted name, or the file it was run from."""
+    if module.__name__.startswith(FILE_MODULE_PREFIX):
+        return os.path.relpath(module.__file__ or module.__name__)
+    return module.__name__
+
+
+# -- modules --
+
+
+class _Missing(Exception):
+    """The module asked for (or one of its parents) does not exist; ``name`` is the first
+    missing one. Internal: turned into a message by the caller."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _import(name: str, spec: str) -> ModuleType:
+    """Import ``name``. ``_Missing`` if it (or a parent) does not exist; ``AppLoadError``
+    carrying the user's exception if importing their code raised anything, including an
+    ImportError for something their module imports."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing and (name == missing or name.startswith(missing + ".")):
-            raise AppLoadError(f"{spec}: {_not_found(name, missing)}") from None
-        raise AppLoadError(f"{spec}: importing {name} raised {type(exc).__name__}", exc) \
-            from None
-    except (KeyboardInterrupt, SystemExit):
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            raise _Missing(exc.name) from None
+        raise AppLoadError(
+            f"{spec}: importing {_failed_module(name)} raised {_what(exc)}", exc
+        ) from None
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        raise AppLoadError(f"{spec}: importing {name} raised {type(exc).__name__}", exc) \
-            from None
+        raise AppLoadError(
+            f"{spec}: importing {_failed_module(name)} raised {_what(exc)}", exc
+        ) from None
 
 
-def _not_found(name: str, missing: str) -> str:
-    parent = missing.rpartition(".")[0]
+def _failed_module(name: str) -> str:
+    """After a failed import of ``name``: the module whose code raised (the first prefix
+    of ``name`` that is not in sys.modules; the parents that imported stay there)."""
+    parts = name.split(".")
+    for cut in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:cut])
+        if prefix not in sys.modules:
+            return prefix
+    return name
+
+
+def _what(exc: BaseException) -> str:
+    return f"{type(exc).__name__} (traceback above)"
+
+
+def import_module(name: str, spec: str) -> ModuleType:
+    """Import ``name``; when it does not exist, say which part of the dotted path did."""
+    try:
+        return _import(name, spec)
+    except _Missing as missing:
+        raise AppLoadError(f"{spec}: {_not_found(missing.name)}") from None
+
+
+def _not_found(missing: str) -> str:
+    parent, _, last = missing.rpartition(".")
     if not parent:
-        return (f"no module named {missing!r} (is it installed, or is its directory in "
-                "--python-path?)")
-    return f"module {parent!r} imported, but it has no submodule {missing.rpartition('.')[2]!r}"
+        return (
+            f"no module named {missing!r} (is it installed, or is its directory given "
+            "with --python-path?)"
+        )
+    kind = "package" if hasattr(sys.modules.get(parent), "__path__") else "module, not a package"
+    return f"{parent!r} imported ({kind}), but it has no submodule {last!r}"
 
 
-def _import_longest(spec: str) -> tuple[ModuleType, list[str]]:
+def _import_longest(spec: str, label: str | None = None) -> tuple[ModuleType, list[str]]:
     """Import the longest module prefix of a dotted ``spec``; the rest are attributes."""
+    label = label or spec
     parts = spec.split(".")
     if not all(p.isidentifier() for p in parts):
-        raise AppLoadError(f"{spec!r}: not a module path, a file, or paste:file.ini")
+        raise AppLoadError(
+            f"{label}: not a module path (pkg.mod:obj), a .py/.wsgi file, or paste:file.ini"
+        )
     for cut in range(len(parts), 0, -1):
-        name = ".".join(parts[:cut])
         try:
-            return importlib.import_module(name), parts[cut:]
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                if exc.name and name.startswith(exc.name + "."):
-                    continue  # a parent is missing too: try a shorter prefix
-                raise AppLoadError(f"{spec}: importing {name} raised ModuleNotFoundError",
-                                   exc) from None
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:
-            raise AppLoadError(f"{spec}: importing {name} raised {type(exc).__name__}",
-                               exc) from None
-    raise AppLoadError(f"{spec}: {_not_found(parts[0], parts[0])}")
+            return _import(".".join(parts[:cut]), label), parts[cut:]
+        except _Missing:
+            continue  # try a shorter prefix; what is left over are attributes
+    raise AppLoadError(f"{label}: {_not_found(parts[0])}")
 
 
 def _get_attrs(spec: str, obj: Any, names: Sequence[str]) -> Any:
-    where = getattr(obj, "__name__", repr(obj))
+    """``obj.a.b``; a missing attribute of a package may be a submodule to import."""
+    where = _display(obj) if isinstance(obj, ModuleType) else repr(obj)
     for attr in names:
-        if isinstance(obj, ModuleType):
+        if hasattr(obj, attr):
+            obj = getattr(obj, attr)
+        elif isinstance(obj, ModuleType) and hasattr(obj, "__path__"):
             try:
-                sub = importlib.import_module(f"{obj.__name__}.{attr}")
-            except ModuleNotFoundError as exc:
-                if exc.name != f"{obj.__name__}.{attr}":
-                    raise AppLoadError(f"{spec}: importing {obj.__name__}.{attr} raised "
-                                       "ModuleNotFoundError", exc) from None
-            else:
-                obj, where = sub, sub.__name__
-                continue
-        if not hasattr(obj, attr):
+                obj = _import(f"{obj.__name__}.{attr}", spec)
+            except _Missing:
+                raise AppLoadError(
+                    f"{spec}: package {where!r} imported, but it has no attribute or "
+                    f"submodule {attr!r}"
+                ) from None
+        elif isinstance(obj, ModuleType):
+            raise AppLoadError(
+                f"{spec}: module {where!r} imported, but it has no attribute {attr!r}"
+            )
+        else:
             raise AppLoadError(f"{spec}: {where} has no attribute {attr!r}")
-        obj = getattr(obj, attr)
         where = f"{where}.{attr}"
     return obj
 
 
-def _resolve_in_module(spec: str, module: ModuleType, expr: str | None, args: Sequence[str],
-                       mod_wsgi: bool) -> Any:
+# -- what to do with the module or object found --
+
+
+def _resolve_in_module(
+    spec: str, module: ModuleType, expr: str | None, args: Sequence[str], mod_wsgi: bool
+) -> Any:
+    """What follows the ``:``: an attribute path or a factory call with literal arguments."""
     if expr is None:
         return _module_app(spec, module, args, mod_wsgi)
     try:
         tree = ast.parse(expr.strip(), mode="eval").body
     except SyntaxError:
-        raise AppLoadError(f"{spec}: {expr!r} is not an attribute name or a call") from None
+        raise AppLoadError(
+            f"{spec}: {expr!r} is not an attribute name (obj.attr) or a call (factory())"
+        ) from None
     if isinstance(tree, ast.Call):
         target = _dotted(tree.func)
         if target is None:
-            raise AppLoadError(f"{spec}: only name(...) calls are supported")
-        try:
-            literal_args = [ast.literal_eval(a) for a in tree.args]
-            literal_kwargs = {k.arg: ast.literal_eval(k.value) for k in tree.keywords if k.arg}
-        except ValueError:
-            raise AppLoadError(f"{spec}: factory arguments must be literals "
-                               "(strings, numbers, ...)") from None
+            raise AppLoadError(f"{spec}: only name(...) or name.attr(...) calls are supported")
+        literal_args, literal_kwargs = _literals(spec, tree)
         factory = _get_attrs(spec, module, target.split("."))
-        return call_factory(spec, factory, [*literal_args, *args], literal_kwargs)
+        return call_factory(spec, factory, [*literal_args, *args], literal_kwargs, target)
     target = _dotted(tree)
     if target is None:
-        raise AppLoadError(f"{spec}: {expr!r} is not an attribute name or a call")
+        raise AppLoadError(
+            f"{spec}: {expr!r} is not an attribute name (obj.attr) or a call (factory())"
+        )
     if args:
-        raise AppLoadError(f"{spec}: ARGS given ({' '.join(args)}) but {expr} is not a factory "
-                           f"call; write {module.__name__}:{expr}()")
+        raise AppLoadError(
+            f"{spec}: ARGS given ({' '.join(args)}) but {expr} is not a factory call; "
+            f"write {_display(module)}:{expr}() to call it with them"
+        )
     return _get_attrs(spec, module, target.split("."))
+
+
+def _literals(spec: str, call: ast.Call) -> tuple[list[Any], dict[str, Any]]:
+    try:
+        if any(k.arg is None for k in call.keywords):
+            raise ValueError("**")
+        args = [ast.literal_eval(a) for a in call.args]
+        kwargs = {str(k.arg): ast.literal_eval(k.value) for k in call.keywords}
+    except (ValueError, TypeError, SyntaxError, RecursionError):
+        raise AppLoadError(
+            f"{spec}: factory arguments must be literals (strings, numbers, True, None, ...)"
+        ) from None
+    return args, kwargs
 
 
 def _dotted(node: ast.expr) -> str | None:
@@ -223,13 +310,20 @@ def _dotted(node: ast.expr) -> str | None:
     return None
 
 
-def call_factory(spec: str, factory: Any, args: Sequence[Any],
-                 kwargs: dict[str, Any] | None = None) -> Any:
+def call_factory(
+    spec: str,
+    factory: Any,
+    args: Sequence[Any],
+    kwargs: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> Any:
     """Call an app factory; wrong arguments get our message, errors inside it the user's."""
     kwargs = kwargs or {}
-    name = getattr(factory, "__qualname__", repr(factory))
+    name = name or getattr(factory, "__qualname__", None) or repr(factory)
     if not callable(factory):
-        raise AppLoadError(f"{spec}: {name} is not callable, so it cannot be a factory")
+        raise AppLoadError(
+            f"{spec}: {name} is {_a(factory)}, not callable, so it cannot be a factory"
+        )
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -239,42 +333,62 @@ def call_factory(spec: str, factory: Any, args: Sequence[Any],
             signature.bind(*args, **kwargs)
         except TypeError as exc:
             shown = ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())])
-            raise AppLoadError(f"{spec}: factory {name}{signature} called with wrong "
-                               f"arguments ({shown}): {exc}") from None
+            raise AppLoadError(
+                f"{spec}: factory {name}{_plain(signature)} called with wrong arguments "
+                f"({shown}): {exc}"
+            ) from None
     try:
         return factory(*args, **kwargs)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        raise AppLoadError(f"{spec}: the factory {name}() raised {type(exc).__name__}",
-                           exc) from None
+        raise AppLoadError(f"{spec}: the factory {name}() raised {_what(exc)}", exc) from None
+
+
+def _plain(signature: inspect.Signature) -> str:
+    """A signature without annotations: ``(name, debug=False)``."""
+    empty = inspect.Parameter.empty
+    params = [p.replace(annotation=empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=params, return_annotation=empty))
+
+
+def _a(obj: Any) -> str:
+    """``None``, ``an int (42)``, ``a module``: what a wrong object is, for a message."""
+    if obj is None:
+        return "None"
+    kind = type(obj).__name__
+    article = "an" if kind[:1].lower() in "aeiou" else "a"
+    shown = repr(obj)
+    return f"{article} {kind} ({shown})" if len(shown) <= 40 else f"{article} {kind}"
 
 
 def _module_app(spec: str, module: ModuleType, args: Sequence[str], mod_wsgi: bool) -> Any:
+    """The app a module stands for (ashd-wsgi wmain, mod_wsgi application, Django)."""
+    name = _display(module)
     if not mod_wsgi and hasattr(module, "wmain"):
-        return call_factory(spec, module.wmain, args)
+        return call_factory(spec, module.wmain, args, name=f"{name}:wmain")
     if args:
-        raise AppLoadError(f"{spec}: ARGS given ({' '.join(args)}) but {module.__name__} has "
-                           "no wmain() to receive them")
+        raise AppLoadError(
+            f"{spec}: ARGS given ({' '.join(args)}) but {name} has no wmain() to receive them"
+        )
     if hasattr(module, "application"):
         return module.application
     if hasattr(module, "ROOT_URLCONF"):
         return _django_app(spec, module.__name__)
-    wsgi = _django_wsgi_submodule(module)
+    wsgi = _django_wsgi_submodule(module, spec)
     if wsgi is not None and hasattr(wsgi, "application"):
         return wsgi.application
     wanted = "'application'" if mod_wsgi else "'application' or 'wmain'"
-    raise AppLoadError(f"{spec}: module {module.__name__} has no {wanted}; "
-                       f"name the object, e.g. {module.__name__}:app")
+    raise AppLoadError(f"{spec}: {name} has no {wanted}; name the object, e.g. {name}:app")
 
 
-def _django_wsgi_submodule(module: ModuleType) -> ModuleType | None:
+def _django_wsgi_submodule(module: ModuleType, spec: str) -> ModuleType | None:
     if not hasattr(module, "__path__"):
         return None
     name = module.__name__ + ".wsgi"
     if importlib.util.find_spec(name) is None:
         return None
-    return import_module(name, name)
+    return import_module(name, spec)
 
 
 def _django_app(spec: str, settings_module: str) -> Any:
@@ -285,17 +399,19 @@ def _django_app(spec: str, settings_module: str) -> Any:
 
     try:
         return get_wsgi_application()
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        raise AppLoadError(f"{spec}: Django raised {type(exc).__name__} while setting up",
-                           exc) from None
+        raise AppLoadError(f"{spec}: Django raised {_what(exc)} while setting up", exc) from None
 
 
 def load_paste(target: str) -> Any:
+    """``loadapp`` of a PasteDeploy ini file, ``path[#name]``."""
     path, _, name = target.partition("#")
-    if importlib.util.find_spec("paste") is None or importlib.util.find_spec(
-        "paste.deploy") is None:
+    if (
+        importlib.util.find_spec("paste") is None
+        or importlib.util.find_spec("paste.deploy") is None
+    ):
         raise MissingDependency("paste: apps", "PasteDeploy", "paste")
     from paste.deploy import loadapp
 
@@ -305,32 +421,44 @@ def load_paste(target: str) -> Any:
     try:
         return loadapp(f"config:{full}", name=name or None)
     except LookupError as exc:
-        raise AppLoadError(f"paste:{target}: {exc}") from None
-    except (KeyboardInterrupt, SystemExit):
+        if _raised_in(exc, os.path.dirname(loadapp.__code__.co_filename)):
+            raise AppLoadError(f"paste:{target}: {exc}") from None  # e.g. no such section
+        raise AppLoadError(f"paste:{target}: loading raised {_what(exc)}", exc) from None
+    except KeyboardInterrupt:
         raise
     except BaseException as exc:
-        raise AppLoadError(f"paste:{target}: loading raised {type(exc).__name__}", exc) \
-            from None
+        raise AppLoadError(f"paste:{target}: loading raised {_what(exc)}", exc) from None
+
+
+def _raised_in(exc: BaseException, directory: str) -> bool:
+    """Was ``exc`` raised by code under ``directory`` (not by the user's code it called)?"""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(directory + os.sep)
 
 
 def _check_callable(spec: str, obj: Any) -> Callable[..., Any]:
     if not callable(obj):
-        raise AppLoadError(f"{spec}: resolved to a {type(obj).__name__}, which is not "
-                           "callable: a WSGI app is a callable(environ, start_response)")
+        raise AppLoadError(
+            f"{spec}: that is {_a(obj)}, not callable; a WSGI app is a "
+            "callable(environ, start_response)"
+        )
     return obj  # type: ignore[no-any-return]
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
     """A dotted ``pkg.mod:func`` or ``pkg.mod.func`` for hooks."""
+    label = f"{what} {spec}"
     if ":" in spec:
         module_name, _, attr = spec.partition(":")
-        module = import_module(module_name, spec)
-        obj = _get_attrs(spec, module, attr.split("."))
+        module = import_module(module_name, label)
+        obj = _get_attrs(label, module, attr.split("."))
     else:
-        module, rest = _import_longest(spec)
+        module, rest = _import_longest(spec, label)
         if not rest:
-            raise AppLoadError(f"{what} {spec}: names a module, not a callable")
-        obj = _get_attrs(spec, module, rest)
+            raise AppLoadError(f"{label}: names a module, not a callable")
+        obj = _get_attrs(label, module, rest)
     if not callable(obj):
-        raise AppLoadError(f"{what} {spec}: is a {type(obj).__name__}, not a callable")
+        raise AppLoadError(f"{what} {spec}: that is {_a(obj)}, not a callable")
     return obj  # type: ignore[no-any-return]

@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
 
 from chaussette import __version__, apps, lifecycle, logs, sockets
 from chaussette.backends import registry
@@ -56,64 +58,84 @@ def report(exc: ChaussetteError) -> None:
     if user_exc is not None:
         tb = _trim(user_exc.__traceback__)
         traceback.print_exception(type(user_exc), user_exc, tb, file=sys.stderr)
-    print(f"chaussette: error: {exc}", file=sys.stderr)
+    # one line, whatever the message carries (a library's message may span several)
+    line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    print(f"chaussette: error: {line}", file=sys.stderr, flush=True)
 
 
-def _trim(tb: object) -> object:
-    """Drop the leading frames of chaussette and importlib: the user's code starts after."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    while tb is not None and tb.tb_next is not None:  # type: ignore[attr-defined]
-        filename = tb.tb_frame.f_code.co_filename  # type: ignore[attr-defined]
+def _trim(tb: TracebackType | None) -> TracebackType | None:
+    """Drop the leading frames of chaussette and importlib: the user's code starts after.
+    (A SyntaxError has no frame of its own: its message names the file and line.)"""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
         if not (filename.startswith(here) or "importlib" in filename):
             break
-        tb = tb.tb_next  # type: ignore[attr-defined]
+        tb = tb.tb_next
     return tb
 
 
 def start(settings: Settings) -> int:
     """Everything after the settings are known to be consistent."""
-    logs.setup(settings.log_level, settings.log_output, settings.log_config,
-               settings.access_log)
+    logs.setup(settings.log_level, settings.log_output, settings.log_config, settings.access_log)
     if settings.use_reloader and importlib.util.find_spec("watchfiles") is None:
         raise MissingDependency("--use-reloader", "watchfiles", "reload")
     info = registry.lookup(settings.protocol, settings.backend)
     server_class = info.load()
     apps.add_python_path(settings.python_path)
-    run_hook(settings, "pre_hook")
+    pre_hook = load_hook(settings, "pre_hook")
+    if pre_hook is not None:
+        call_hook(settings, "pre_hook", pre_hook)
+    post_hook = load_hook(settings, "post_hook")  # a typo is reported now, not at the end
     listener = sockets.get_listener(settings)
     try:
         app = apps.load_app(settings.app, settings.args, settings.mod_wsgi)
         server = server_class(app, listener, settings)
-        log.info("chaussette %s (pid %d): serving %s on %s with backend %s (%s)",
-                 __version__, os.getpid(), settings.app, listener.describe(), info.name,
-                 info.summary)
+        log.info(
+            "chaussette %s (pid %d): serving %s on %s with backend %s (%s)",
+            __version__,
+            os.getpid(),
+            settings.app,
+            listener.describe(),
+            info.name,
+            info.summary,
+        )
         try:
             code = lifecycle.serve(server, listener, settings)
         finally:
             server.close()
     finally:
         listener.close()
-    try:
-        run_hook(settings, "post_hook")
-    except HookError as exc:
-        report(exc)
-        return EXIT_RUNTIME
+    if post_hook is not None:
+        try:
+            call_hook(settings, "post_hook", post_hook)
+        except HookError as exc:
+            report(exc)
+            return EXIT_RUNTIME
     log.info("stopped (exit %d)", code)
     return code
 
 
-def run_hook(settings: Settings, name: str) -> None:
+def load_hook(settings: Settings, name: str) -> Callable[[Settings], Any] | None:
+    """The callable named by --pre-hook / --post-hook, or None when not set."""
     spec = getattr(settings, name)
     if not spec:
-        return
-    flag = "--" + name.replace("_", "-")
+        return None
     try:
-        hook = apps.load_callable(spec, flag)
+        return apps.load_callable(spec, _flag(name))
     except AppLoadError as exc:
         raise HookError(str(exc), exc.user_exc) from None
+
+
+def call_hook(settings: Settings, name: str, hook: Callable[[Settings], Any]) -> None:
     try:
         hook(settings)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
-        raise HookError(f"{flag} {spec} raised {type(exc).__name__}: {exc}", exc) from None
+        spec = getattr(settings, name)
+        raise HookError(f"{_flag(name)} {spec} raised {type(exc).__name__}: {exc}", exc) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -3,14 +3,20 @@
 Signal handlers only record the signal (and wake the main loop through a pipe set with
 ``signal.set_wakeup_fd``); the main loop acts:
 
-- SIGTERM, SIGINT: stop accepting, wait for in-flight requests up to --graceful-timeout,
-  exit 0 (1 if requests had to be cut). During that wait a SIGINT (the second Ctrl-C) or a
-  SIGQUIT exits at once.
+- SIGTERM, SIGINT: stop accepting and close our copy of the listening socket (a unix socket
+  file we created is removed then, so new clients are refused rather than left waiting), wait
+  for in-flight requests up to --graceful-timeout, exit 0 (1 if requests had to be cut).
 - SIGQUIT: exit at once.
-- SIGHUP (and the reloader): drain like SIGTERM, then re-exec this same command line with
-  the listening socket handed over, so the pid stays and no connection is refused: while
-  we drain and restart, new connections wait in the listen queue.
+- SIGHUP (and the reloader): drain like SIGTERM but keep the socket, then re-exec this same
+  command line with the listening socket handed over, so the pid stays and no connection is
+  refused: while we drain and restart, new connections wait in the listen queue. The handled
+  signals are blocked across the ``execve()`` and unblocked once the new image records them,
+  so a signal sent while it starts is neither lost nor fatal.
 - SIGUSR1: reopen log files.
+
+During any drain a SIGINT (the second Ctrl-C) or a SIGQUIT exits at once; a SIGTERM or SIGINT
+while a restart drains turns the restart into a stop. Exiting at once still removes a unix
+socket file we created, but skips --post-hook.
 """
 
 from __future__ import annotations
@@ -24,10 +30,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from chaussette import logs, systemd
-from chaussette.errors import EXIT_OK, EXIT_RUNTIME
+from chaussette.errors import EXIT_OK, EXIT_RUNTIME, MissingDependency
 
 if TYPE_CHECKING:
     from chaussette.backends.base import Server
@@ -38,6 +44,8 @@ log = logging.getLogger("chaussette")
 
 RELOAD = "reload"  # posted by the reloader thread
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
+STOP = (signal.SIGTERM, signal.SIGINT)
+POLL = 0.1  # seconds between two looks at the signals while draining
 
 
 class Signals:
@@ -50,6 +58,7 @@ class Signals:
         os.set_blocking(self._w, False)
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
+        self._closed = False
 
     def install(self, signums: Iterable[int] = HANDLED) -> None:
         self._previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
@@ -61,6 +70,7 @@ class Signals:
             signal.signal(signum, handler)  # type: ignore[arg-type]
         self._previous.clear()
         signal.set_wakeup_fd(self._previous_fd)
+        self._closed = True
         for fd in (self._r, self._w):
             os.close(fd)
 
@@ -70,6 +80,8 @@ class Signals:
     def post(self, what: str) -> None:
         """From another thread: queue an event and wake the main loop."""
         self.pending.append(what)
+        if self._closed:
+            return
         try:
             os.write(self._w, b"\0")
         except OSError:
@@ -86,35 +98,51 @@ class Signals:
         return self.pending.popleft() if self.pending else None
 
 
+def _name(event: int | str) -> str:
+    return signal.Signals(event).name if isinstance(event, int) else "code changed"
+
+
 def serve(server: Server, listener: Listener, settings: Settings) -> int:
     """Serve until told to stop; returns the exit code (or re-execs and never returns)."""
     signals = Signals()
     signals.install()
+    # A re-exec blocked these across execve(); now that they are recorded, let them in
+    # (a signal sent while the new image started is delivered here).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     stop_watching = threading.Event()
     try:
-        server.start()
-        systemd.notify("READY=1")
         if settings.use_reloader:
             start_reloader(settings, signals, stop_watching)
+        server.start()
+        systemd.notify("READY=1")
         while True:
             event = signals.wait(None)
-            if event in (signal.SIGTERM, signal.SIGINT):
-                name = signal.Signals(event).name  # type: ignore[arg-type]
-                log.info("%s: stopping (graceful timeout %ss)", name, settings.graceful_timeout)
+            if event in STOP:
+                log.info(
+                    "%s: stopping (graceful timeout %ss)", _name(event), settings.graceful_timeout
+                )
                 systemd.notify("STOPPING=1")
-                return drain(server, signals, settings.graceful_timeout)
+                code, _ = drain(server, listener, signals, settings.graceful_timeout)
+                return code
             if event == signal.SIGQUIT:
-                log.info("SIGQUIT: exiting now, %d requests in flight", server.in_flight())
-                systemd.notify("STOPPING=1")
-                return _exit_now(server)
+                log.info("SIGQUIT: exiting now, %d request(s) in flight", server.in_flight())
+                _exit_now(server, listener)
             if event in (signal.SIGHUP, RELOAD):
-                why = "SIGHUP" if event == signal.SIGHUP else "code changed"
-                log.info("%s: restarting in place (graceful timeout %ss)", why,
-                         settings.graceful_timeout)
+                log.info(
+                    "%s: restarting in place (graceful timeout %ss)",
+                    _name(event),
+                    settings.graceful_timeout,
+                )
                 systemd.notify("RELOADING=1")
-                drain(server, signals, settings.graceful_timeout)
+                code, stop = drain(
+                    server, listener, signals, settings.graceful_timeout, restarting=True
+                )
                 stop_watching.set()
-                reexec(server, listener)
+                if not stop:
+                    failed = reexec(server, listener, signals)  # returns only if it did not
+                    code = code if failed is None else failed
+                listener.close()
+                return code
             if event == signal.SIGUSR1:
                 count = logs.reopen()
                 log.info("SIGUSR1: reopened %d log file(s)", count)
@@ -123,61 +151,121 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
         signals.restore()
 
 
-def drain(server: Server, signals: Signals, timeout: float) -> int:
+def drain(
+    server: Server, listener: Listener, signals: Signals, timeout: float, restarting: bool = False
+) -> tuple[int, bool]:
+    """Stop accepting and wait for in-flight requests, acting on signals meanwhile.
+
+    Returns the exit code (0, or 1 if requests were cut) and, for a restart, whether a
+    stop was asked for while draining. A stop closes our copy of the listening socket at once.
+    """
     server.stop_accepting()
+    stop = not restarting
+    if stop:
+        listener.close()
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
-        if server.wait_idle(max(0.0, min(left, 0.1))):
+        if server.wait_idle(max(0.0, min(left, POLL))):
             log.info("all requests finished")
-            return EXIT_OK
+            return EXIT_OK, stop
         if left <= 0:
-            log.warning("graceful timeout (%ss) passed: cutting %d request(s)", timeout,
-                        server.in_flight())
-            return EXIT_RUNTIME
+            log.warning(
+                "graceful timeout (%ss) passed: cutting %d request(s)", timeout, server.in_flight()
+            )
+            return EXIT_RUNTIME, stop
         event = signals.wait(0)
-        if event in (signal.SIGINT, signal.SIGQUIT):
-            name = signal.Signals(event).name  # type: ignore[arg-type]
-            log.warning("%s while draining: exiting now, cutting %d request(s)", name,
-                        server.in_flight())
-            return _exit_now(server)
-        if event == signal.SIGUSR1:
-            logs.reopen()
+        if event == signal.SIGQUIT or (event == signal.SIGINT and stop):
+            log.warning(
+                "%s while draining: exiting now, cutting %d request(s)",
+                _name(event),
+                server.in_flight(),
+            )
+            _exit_now(server, listener)
+        if event in STOP and not stop:
+            log.info("%s while restarting: stopping instead", _name(event))
+            systemd.notify("STOPPING=1")
+            stop = True
+            listener.close()
+        elif event == signal.SIGUSR1:
+            count = logs.reopen()
+            log.info("SIGUSR1: reopened %d log file(s)", count)
 
 
-def _exit_now(server: Server) -> int:
-    cut = server.in_flight()
+def _exit_now(server: Server, listener: Listener) -> NoReturn:
+    code = EXIT_RUNTIME if server.in_flight() else EXIT_OK
+    systemd.notify("STOPPING=1")
+    try:
+        listener.close()  # removes a unix socket file we created
+    except OSError:
+        pass
+    log.info("exiting now (exit %d)", code)
     logging.shutdown()
-    os._exit(EXIT_RUNTIME if cut else EXIT_OK)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
-def reexec(server: Server, listener: Listener) -> None:
-    """Replace this process with a fresh run of the same command line, same socket."""
+def reexec(server: Server, listener: Listener, signals: Signals) -> int | None:
+    """Replace this process with a fresh run of the same command line, same socket.
+
+    Returns only when that does not happen and the process must stop instead: None when a
+    stop signal came in at the last moment, EXIT_RUNTIME when ``execve()`` failed.
+    """
+    # From here, signals stay pending in the kernel and reach the new image. Blocking runs
+    # the Python handlers of any signal already caught, so ``pending`` is complete.
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    late = [event for event in signals.pending if event in (*STOP, signal.SIGQUIT)]
+    if late:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        log.info("%s while restarting: stopping instead", _name(late[0]))
+        systemd.notify("STOPPING=1")
+        return None
     server.close()
     listener.hand_over()
     argv = list(sys.orig_argv)
     log.info("re-executing: %s", " ".join(argv))
-    logging.shutdown()
+    for handler in logging.getLogger().handlers:
+        handler.flush()
     try:
         os.execv(sys.executable, argv)
     except OSError as exc:
-        log.error("re-exec of %s failed: %s", sys.executable, exc)
-        os._exit(EXIT_RUNTIME)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        log.error("re-exec of %s failed: %s; stopping", sys.executable, exc)
+        return EXIT_RUNTIME
+
+
+def reloader_paths(settings: Settings) -> list[str]:
+    """Directories the reloader watches: the working directory, --python-path, the app's."""
+    paths = [*settings.python_path]
+    cwd = os.getcwd()
+    if cwd != os.sep:  # never watch a whole filesystem (a service started in /)
+        paths.insert(0, cwd)
+    app: str = settings.app
+    if app.startswith("paste:"):
+        paths.append(os.path.dirname(os.path.abspath(app[len("paste:") :].split("#", 1)[0])))
+    elif app.endswith((".py", ".wsgi")) or os.sep in app:
+        paths.append(os.path.dirname(os.path.abspath(app.split(":", 1)[0])))
+    absolute = [os.path.abspath(p) for p in paths]
+    return [p for p in dict.fromkeys(absolute) if os.path.isdir(p)]
 
 
 def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) -> None:
     """Watch Python files; on the first change, ask the main loop to restart in place."""
-    from watchfiles import PythonFilter, watch  # checked by the CLI before we get here
+    try:
+        from watchfiles import PythonFilter, watch
+    except ImportError:
+        raise MissingDependency("--use-reloader", "watchfiles", "reload") from None
 
-    paths = [os.getcwd(), *settings.python_path]
-    app = settings.app
-    if app.endswith((".py", ".wsgi")) or os.sep in app:
-        paths.append(os.path.dirname(os.path.abspath(app.split(":", 1)[0])))
-    paths = [p for p in dict.fromkeys(os.path.abspath(p) for p in paths) if os.path.isdir(p)]
+    paths = reloader_paths(settings)
 
     def run() -> None:
-        for changes in watch(*paths, watch_filter=PythonFilter(), stop_event=stop,
-                             raise_interrupt=False):
+        for changes in watch(
+            *paths, watch_filter=PythonFilter(), stop_event=stop, raise_interrupt=False
+        ):
             changed = sorted({path for _, path in changes})
             log.info("reloader: %s changed", ", ".join(changed[:3]))
             signals.post(RELOAD)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import configparser
 import json
 import logging
 import logging.config
@@ -14,22 +15,40 @@ from chaussette.errors import UsageError
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S %z"
+ACCESS = "chaussette.access"
 
 
 class ReopenableFileHandler(logging.FileHandler):
     """A file handler that logrotate can move away: ``reopen()`` on SIGUSR1."""
 
     def reopen(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if self.stream:
-                self.stream.close()
-            self.stream = self._open()
+        _reopen(self)
+
+
+def _reopen(handler: logging.FileHandler) -> None:
+    """Close the stream and open the path again (a new file if it was renamed)."""
+    handler.acquire()
+    try:
+        if handler.stream:
+            try:
+                handler.stream.flush()
+            finally:
+                handler.stream.close()
+        handler.stream = handler._open()
+    finally:
+        handler.release()
 
 
 def setup(level: str, output: str, config: str | None, access_log: str | None) -> None:
+    """Configure logging for one chaussette process (may be called again: it starts over)."""
     root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
+    access = logging.getLogger(ACCESS)
+    for logger in (root, access):
+        for handler in logger.handlers[:]:
+            logger.removeHandler(handler)
+            handler.close()
+    access.setLevel(logging.NOTSET)
+    access.propagate = True
     if config:
         _from_config(config)
     else:
@@ -37,7 +56,6 @@ def setup(level: str, output: str, config: str | None, access_log: str | None) -
         handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
         root.addHandler(handler)
         root.setLevel(level.upper())
-    access = logging.getLogger("chaussette.access")
     if access_log:
         access.setLevel(logging.INFO)
         if access_log != "-":
@@ -45,8 +63,9 @@ def setup(level: str, output: str, config: str | None, access_log: str | None) -
             handler.setFormatter(logging.Formatter("%(message)s"))
             access.addHandler(handler)
             access.propagate = False
-    elif not config:
-        access.setLevel(logging.WARNING)  # off unless asked for
+    elif access.level == logging.NOTSET and not access.handlers:
+        # off unless asked for (with --access-log, or by a --log-config that sets it up)
+        access.setLevel(logging.WARNING)
     logging.captureWarnings(True)
 
 
@@ -69,30 +88,34 @@ def _from_config(path: str) -> None:
         if path.endswith(".json"):
             with open(path) as f:
                 config: Any = json.load(f)
+            if not isinstance(config, dict):
+                raise ValueError("expected a JSON object (a logging.config.dictConfig schema)")
+            # loggers such as "chaussette" exist already: a config that does not name them
+            # must not silence them
+            config.setdefault("disable_existing_loggers", False)
             logging.config.dictConfig(config)
         else:
             logging.config.fileConfig(path, disable_existing_loggers=False)
-    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
-        raise UsageError(f"--log-config {path}: {exc}") from None
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        OSError,
+        RuntimeError,
+        configparser.Error,
+    ) as exc:
+        raise UsageError(f"--log-config {path}: {type(exc).__name__}: {exc}") from None
 
 
 def reopen() -> int:
-    """Reopen every file handler we know how to reopen; returns how many."""
-    count = 0
-    loggers = [logging.getLogger()] + [
-        logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-    ]
+    """Reopen every file handler of every logger; returns how many."""
+    loggers = [logging.getLogger(), *list(logging.root.manager.loggerDict.values())]
+    seen: set[int] = set()
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, ReopenableFileHandler):
-                handler.reopen()
-                count += 1
-            elif isinstance(handler, logging.FileHandler):
-                handler.acquire()
-                try:
-                    handler.close()
-                    handler.stream = handler._open()
-                finally:
-                    handler.release()
-                count += 1
-    return count
+            if isinstance(handler, logging.FileHandler) and id(handler) not in seen:
+                seen.add(id(handler))
+                _reopen(handler)
+    return len(seen)

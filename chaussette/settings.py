@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,13 @@ def string(text: str) -> str:
     return text
 
 
+def shell_words(text: str) -> tuple[str, ...]:
+    try:
+        return tuple(shlex.split(text))
+    except ValueError as exc:  # an unclosed quote
+        raise ValueError(f"cannot split {text!r} into words ({exc})") from None
+
+
 def choice(*values: str) -> Callable[[str], str]:
     def convert(text: str) -> str:
         if text not in values:
@@ -119,7 +127,7 @@ class Option:
 
     @property
     def env(self) -> str | None:
-        if self.cli_only or self.positional and self.name == "args":
+        if self.cli_only:
             return None
         return ENV_PREFIX + self.name.upper()
 
@@ -134,88 +142,256 @@ SOCKET_TYPES = ("SOCK_STREAM", "SOCK_DGRAM", "SOCK_RAW", "SOCK_RDM", "SOCK_SEQPA
 
 OPTIONS: tuple[Option, ...] = (
     # Application
-    Option("app", (), "The WSGI application: pkg.mod:obj, pkg.mod.obj, pkg.mod:factory(), "
-           "a path to a .py/.wsgi file, paste:file.ini[#name], or a Django project's "
-           "wsgi or settings module.", "Application", default=HELLO_APP, metavar="APP",
-           positional=True),
-    Option("args", (), "Positional arguments given to a factory call or to wmain(*ARGS).",
-           "Application", default=(), metavar="ARGS", positional=True),
-    Option("mod_wsgi", ("-A", "--mod-wsgi"), "Load APP the mod_wsgi way: use the object "
-           "named 'application' in the module or file, ignoring any wmain().",
-           "Application", default=False, convert=to_bool, switch=True),
-    Option("python_path", ("--python-path",), "Directories put in front of sys.path before "
-           f"the application is imported ('{os.pathsep}'-separated; repeatable).",
-           "Application", default=(), convert=path_list, metavar="PATH", many=True),
-    Option("pre_hook", ("--pre-hook",), "A dotted callable called with the settings before "
-           "the socket and the application are set up. If it raises, startup stops (exit 1).",
-           "Application", metavar="CALLABLE"),
-    Option("post_hook", ("--post-hook",), "A dotted callable called with the settings after "
-           "the server has stopped.", "Application", metavar="CALLABLE"),
+    Option(
+        "app",
+        (),
+        "The WSGI application: pkg.mod:obj, pkg.mod.obj, pkg.mod:factory(), "
+        "a path to a .py/.wsgi file, paste:file.ini[#name], or a Django project's "
+        "wsgi or settings module.",
+        "Application",
+        default=HELLO_APP,
+        metavar="APP",
+        positional=True,
+    ),
+    Option(
+        "args",
+        (),
+        "Positional arguments given to a factory call or to wmain(*ARGS). From the "
+        "environment or an ini file: one string, split like a shell command line.",
+        "Application",
+        default=(),
+        convert=shell_words,
+        metavar="ARGS",
+        positional=True,
+    ),
+    Option(
+        "mod_wsgi",
+        ("-A", "--mod-wsgi"),
+        "Load APP the mod_wsgi way: use the object "
+        "named 'application' in the module or file, ignoring any wmain().",
+        "Application",
+        default=False,
+        convert=to_bool,
+        switch=True,
+    ),
+    Option(
+        "python_path",
+        ("--python-path",),
+        "Directories put in front of sys.path before "
+        f"the application is imported ('{os.pathsep}'-separated; repeatable).",
+        "Application",
+        default=(),
+        convert=path_list,
+        metavar="PATH",
+        many=True,
+    ),
+    Option(
+        "pre_hook",
+        ("--pre-hook",),
+        "A dotted callable called with the settings before "
+        "the socket and the application are set up. If it raises, startup stops (exit 1).",
+        "Application",
+        metavar="CALLABLE",
+    ),
+    Option(
+        "post_hook",
+        ("--post-hook",),
+        "A dotted callable called with the settings after the server has stopped.",
+        "Application",
+        metavar="CALLABLE",
+    ),
     # Socket
-    Option("host", ("--host",), "Host or address to bind; also unix:/path for a unix socket "
-           "and fd://N for an inherited descriptor. IPv6 as [::1].", "Socket",
-           default="127.0.0.1"),
-    Option("port", ("--port",), "TCP port to bind.", "Socket", default=8080,
-           convert=port_number),
-    Option("fd", ("--fd",), "Serve on this inherited listening socket (from Circus, "
-           "Supervisor fcgi-program, ...). Family and type are detected.", "Socket",
-           convert=non_negative_int, metavar="N"),
-    Option("backlog", ("--backlog",), "Listen queue size for sockets chaussette binds.",
-           "Socket", default=2048, convert=positive_int),
-    Option("address_family", ("--address-family",), "Address family of the socket to bind; "
-           "detected from --host when omitted. Inherited sockets are always detected.",
-           "Socket", convert=choice(*FAMILIES)),
-    Option("socket_type", ("--socket-type",), "Socket type; HTTP and the other protocols "
-           "need SOCK_STREAM, which is the default.", "Socket", default="SOCK_STREAM",
-           convert=choice(*SOCKET_TYPES)),
-    Option("socket_mode", ("--socket-mode",), "File mode (octal) of a unix socket "
-           "chaussette binds, e.g. 666 so that an nginx worker can connect.", "Socket",
-           convert=octal_mode, metavar="MODE"),
+    Option(
+        "host",
+        ("--host",),
+        "Host or address to bind; also unix:/path for a unix socket "
+        "and fd://N for an inherited descriptor. IPv6 as [::1].",
+        "Socket",
+        default="127.0.0.1",
+    ),
+    Option("port", ("--port",), "TCP port to bind.", "Socket", default=8080, convert=port_number),
+    Option(
+        "fd",
+        ("--fd",),
+        "Serve on this inherited listening socket (from Circus, "
+        "Supervisor fcgi-program, ...). Family and type are detected.",
+        "Socket",
+        convert=non_negative_int,
+        metavar="N",
+    ),
+    Option(
+        "backlog",
+        ("--backlog",),
+        "Listen queue size for sockets chaussette binds.",
+        "Socket",
+        default=2048,
+        convert=positive_int,
+    ),
+    Option(
+        "address_family",
+        ("--address-family",),
+        "Address family of the socket to bind; "
+        "detected from --host when omitted. Inherited sockets are always detected.",
+        "Socket",
+        convert=choice(*FAMILIES),
+    ),
+    Option(
+        "socket_type",
+        ("--socket-type",),
+        "Socket type; HTTP and the other protocols need SOCK_STREAM, which is the default.",
+        "Socket",
+        default="SOCK_STREAM",
+        convert=choice(*SOCKET_TYPES),
+    ),
+    Option(
+        "socket_mode",
+        ("--socket-mode",),
+        "File mode (octal) of a unix socket "
+        "chaussette binds, e.g. 666 so that an nginx worker can connect.",
+        "Socket",
+        convert=octal_mode,
+        metavar="MODE",
+    ),
     # Server
-    Option("protocol", ("--protocol",), "Wire protocol spoken on the socket.", "Server",
-           default="http"),
-    Option("backend", ("--backend",), "Server library (http) or concurrency engine "
-           "(other protocols); see --backends.", "Server", default="wsgiref"),
-    Option("threads", ("--threads",), "Most requests served at once by a threaded backend; "
-           "at the bound, new connections wait in the listen queue.", "Server",
-           default=10, convert=positive_int, metavar="N"),
-    Option("spawn", ("--spawn",), "Size of the greenlet pool of a gevent/eventlet backend.",
-           "Server", convert=positive_int, metavar="N"),
-    Option("no_monkey", ("--no-monkey",), "Do not monkey-patch the standard library for a "
-           "greenlet backend.", "Server", default=False, convert=to_bool, switch=True),
-    Option("timeout", ("--timeout",), "Seconds a client may stay silent while sending its "
-           "request or reading the response before its connection is closed.", "Server",
-           default=60.0, convert=positive_float, metavar="SECONDS"),
-    Option("limit_request_line", ("--limit-request-line",), "Longest request line accepted, "
-           "in bytes; longer gets 414.", "Server", default=8190, convert=positive_int,
-           metavar="BYTES"),
-    Option("limit_request_headers", ("--limit-request-headers",), "Most bytes of request "
-           "headers accepted; more gets 431.", "Server", default=65536,
-           convert=positive_int, metavar="BYTES"),
+    Option(
+        "protocol", ("--protocol",), "Wire protocol spoken on the socket.", "Server", default="http"
+    ),
+    Option(
+        "backend",
+        ("--backend",),
+        "Server library (http) or concurrency engine (other protocols); see --backends.",
+        "Server",
+        default="wsgiref",
+    ),
+    Option(
+        "threads",
+        ("--threads",),
+        "Most requests served at once by a threaded backend; "
+        "at the bound, new connections wait in the listen queue.",
+        "Server",
+        default=10,
+        convert=positive_int,
+        metavar="N",
+    ),
+    Option(
+        "spawn",
+        ("--spawn",),
+        "Size of the greenlet pool of a gevent/eventlet backend.",
+        "Server",
+        convert=positive_int,
+        metavar="N",
+    ),
+    Option(
+        "no_monkey",
+        ("--no-monkey",),
+        "Do not monkey-patch the standard library for a greenlet backend.",
+        "Server",
+        default=False,
+        convert=to_bool,
+        switch=True,
+    ),
+    Option(
+        "timeout",
+        ("--timeout",),
+        "Seconds a client may stay silent while sending its "
+        "request or reading the response before its connection is closed.",
+        "Server",
+        default=60.0,
+        convert=positive_float,
+        metavar="SECONDS",
+    ),
+    Option(
+        "limit_request_line",
+        ("--limit-request-line",),
+        "Longest request line accepted, in bytes; longer gets 414.",
+        "Server",
+        default=8190,
+        convert=positive_int,
+        metavar="BYTES",
+    ),
+    Option(
+        "limit_request_headers",
+        ("--limit-request-headers",),
+        "Most bytes of request headers accepted; more gets 431.",
+        "Server",
+        default=65536,
+        convert=positive_int,
+        metavar="BYTES",
+    ),
     # Lifecycle
-    Option("graceful_timeout", ("--graceful-timeout",), "Seconds in-flight requests get to "
-           "finish after SIGTERM/SIGINT/SIGHUP before they are cut.", "Lifecycle",
-           default=30.0, convert=positive_float, metavar="SECONDS"),
-    Option("use_reloader", ("--use-reloader",), "Restart in place when a Python file under "
-           "the working directory or --python-path changes (needs watchfiles).", "Lifecycle",
-           default=False, convert=to_bool, switch=True),
+    Option(
+        "graceful_timeout",
+        ("--graceful-timeout",),
+        "Seconds in-flight requests get to finish after SIGTERM/SIGINT/SIGHUP before they are cut.",
+        "Lifecycle",
+        default=30.0,
+        convert=positive_float,
+        metavar="SECONDS",
+    ),
+    Option(
+        "use_reloader",
+        ("--use-reloader",),
+        "Restart in place when a Python file under "
+        "the working directory or --python-path changes (needs watchfiles).",
+        "Lifecycle",
+        default=False,
+        convert=to_bool,
+        switch=True,
+    ),
     # Logging
-    Option("log_level", ("--log-level",), "Least severe level logged.", "Logging",
-           default="info", convert=choice(*LOG_LEVELS)),
-    Option("log_output", ("--log-output",), "Where the log goes: '-' for stdout or a file "
-           "path (reopened on SIGUSR1, for logrotate).", "Logging", default="-",
-           metavar="PATH"),
-    Option("log_config", ("--log-config",), "A logging configuration file (.ini for "
-           "logging.config.fileConfig, .json for dictConfig); replaces --log-level and "
-           "--log-output.", "Logging", metavar="PATH"),
-    Option("access_log", ("--access-log",), "Log one line per request to this file, or "
-           "'-' for the main log output. Off by default.", "Logging", metavar="PATH"),
+    Option(
+        "log_level",
+        ("--log-level",),
+        "Least severe level logged.",
+        "Logging",
+        default="info",
+        convert=choice(*LOG_LEVELS),
+    ),
+    Option(
+        "log_output",
+        ("--log-output",),
+        "Where the log goes: '-' for stdout or a file path (reopened on SIGUSR1, for logrotate).",
+        "Logging",
+        default="-",
+        metavar="PATH",
+    ),
+    Option(
+        "log_config",
+        ("--log-config",),
+        "A logging configuration file (.ini for "
+        "logging.config.fileConfig, .json for dictConfig); replaces --log-level and "
+        "--log-output.",
+        "Logging",
+        metavar="PATH",
+    ),
+    Option(
+        "access_log",
+        ("--access-log",),
+        "Log one line per request to this file, or '-' for the main log output. Off by default.",
+        "Logging",
+        metavar="PATH",
+    ),
     # Commands
-    Option("version", ("--version",), "Print the version and exit.", "Commands",
-           default=False, switch=True, cli_only=True, convert=to_bool),
-    Option("list_backends", ("--backends",), "Print every backend and protocol pair, "
-           "installed or not, and exit.", "Commands", default=False, switch=True,
-           cli_only=True, convert=to_bool),
+    Option(
+        "version",
+        ("--version",),
+        "Print the version and exit.",
+        "Commands",
+        default=False,
+        switch=True,
+        cli_only=True,
+        convert=to_bool,
+    ),
+    Option(
+        "list_backends",
+        ("--backends",),
+        "Print every backend and protocol pair, installed or not, and exit.",
+        "Commands",
+        default=False,
+        switch=True,
+        cli_only=True,
+        convert=to_bool,
+    ),
 )
 
 BY_NAME: dict[str, Option] = {opt.name: opt for opt in OPTIONS}
@@ -268,7 +444,7 @@ def _convert(opt: Option, text: str, where: str) -> Any:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # argparse would print usage and exit
-        raise UsageError(message)
+        raise UsageError(f"{message} (see chaussette --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,13 +490,12 @@ def parse_args(argv: Iterable[str], environ: Mapping[str, str] | None = None) ->
     given = vars(namespace)
     values: dict[str, Any] = {}
     for opt in OPTIONS:
-        if opt.name in given:
-            raw = given[opt.name]
-            if opt.positional and opt.name == "args":
-                if raw:
-                    values["args"] = tuple(raw)
-            elif opt.switch or opt.positional:
-                values[opt.name] = raw
+        raw = given.get(opt.name)
+        if raw == []:  # no ARGS on the command line: the environment may give them
+            raw = None
+        if raw is not None:
+            if opt.switch or opt.positional:
+                values[opt.name] = tuple(raw) if isinstance(raw, list) else raw
             elif opt.many:
                 values[opt.name] = [v for text in raw for v in _convert(opt, text, opt.flags[0])]
             else:
@@ -348,8 +523,13 @@ def check(settings: Settings) -> None:
     host = settings.host
     is_unix = host.startswith("unix:")
     is_fd = host.startswith("fd://")
-    if is_fd and "port" in given:
-        raise UsageError("--host fd://N and --port cannot be used together")
+    if is_fd:
+        for other in ("port", "address_family"):
+            if other in given:
+                raise UsageError(
+                    f"--host {host} and {BY_NAME[other].flags[0]} cannot be used together: "
+                    "the inherited socket is already bound"
+                )
     if is_unix and "port" in given:
         raise UsageError("--host unix:PATH and --port cannot be used together")
     family = settings.address_family
@@ -357,16 +537,19 @@ def check(settings: Settings) -> None:
         raise UsageError("--address-family AF_UNIX needs --host unix:/path/to/socket")
     if family in ("AF_INET", "AF_INET6") and is_unix:
         raise UsageError(f"--address-family {family} and --host {host} disagree")
-    if family == "AF_INET" and _looks_ipv6(host):
+    if family == "AF_INET" and _is_address(socket.AF_INET6, host):
         raise UsageError(f"--address-family AF_INET and --host {host} (an IPv6 address) disagree")
+    if family == "AF_INET6" and _is_address(socket.AF_INET, host):
+        raise UsageError(f"--address-family AF_INET6 and --host {host} (an IPv4 address) disagree")
     if settings.socket_type != "SOCK_STREAM":
         raise UsageError(
-            f"--socket-type {settings.socket_type}: only SOCK_STREAM can carry "
-            f"{settings.protocol}"
+            f"--socket-type {settings.socket_type} and --protocol {settings.protocol} disagree: "
+            "every protocol needs SOCK_STREAM"
         )
     if settings.socket_mode is not None and not is_unix:
-        raise UsageError("--socket-mode applies only to a unix socket chaussette binds "
-                         "(--host unix:/path)")
+        raise UsageError(
+            "--socket-mode applies only to a unix socket chaussette binds (--host unix:/path)"
+        )
     info = registry.lookup(settings.protocol, settings.backend)
     if settings.spawn is not None and not info.pool:
         raise UsageError(
@@ -376,18 +559,22 @@ def check(settings: Settings) -> None:
     if "threads" in given and not info.threads:
         raise UsageError(f"--threads does not apply to --backend {settings.backend}")
     if settings.no_monkey and not info.monkey:
-        raise UsageError(f"--no-monkey does not apply to --backend {settings.backend}: "
-                         "it never monkey-patches")
+        raise UsageError(
+            f"--no-monkey does not apply to --backend {settings.backend}: it never monkey-patches"
+        )
     unix_wanted = is_unix or family == "AF_UNIX"
     if unix_wanted and not info.unix:
-        raise UsageError(f"--backend {settings.backend} cannot serve a unix socket "
-                         f"(--host {host}); use a TCP host or another backend")
+        raise UsageError(
+            f"--backend {settings.backend} cannot serve a unix socket "
+            f"(--host {host}); use a TCP host or another backend"
+        )
 
 
-def _looks_ipv6(host: str) -> bool:
+def _is_address(family: socket.AddressFamily, host: str) -> bool:
+    """Is ``host`` a literal address of ``family`` (IPv6 with or without brackets)?"""
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        socket.inet_pton(socket.AF_INET6, bare)
+        socket.inet_pton(family, bare)
     except (OSError, ValueError):
         return False
     return True

@@ -53,7 +53,7 @@ class Listener:
     def describe(self) -> str:
         name = self.sock.getsockname()
         if self.is_unix:
-            where = f"unix:{name}" if name else "unix:(unnamed)"
+            where = f"unix:{_unix_name(name)}"
         elif self.sock.family == socket.AF_INET6:
             where = f"http://[{name[0]}]:{name[1]}"
         else:
@@ -68,14 +68,18 @@ class Listener:
         return name if isinstance(name, str) and name else None
 
     def close(self) -> None:
-        """Close our copy of the socket and remove the file we created, if still ours."""
+        """Remove the file we created, if still ours, then close our copy of the socket.
+
+        In that order: while our socket is bound its inode stays allocated, so no newcomer's
+        socket file can have reused its number when we compare (st_dev, st_ino).
+        """
+        path, ident = self.owned_path, self.owned_id
+        self.owned_path = self.owned_id = None
         try:
-            self.sock.close()
-        finally:
-            path, ident = self.owned_path, self.owned_id
-            self.owned_path = self.owned_id = None
             if path and ident:
                 remove_if_ours(path, ident)
+        finally:
+            self.sock.close()
 
     def hand_over(self) -> None:
         """Prepare the fd (and ownership of a unix file) for a re-exec of this process."""
@@ -86,6 +90,12 @@ class Listener:
         if self.owned_path and self.owned_id:
             dev, ino = self.owned_id
             os.environ[REEXEC_OWNED] = f"{dev}:{ino}:{self.owned_path}"
+
+
+def _unix_name(name: str | bytes) -> str:
+    if isinstance(name, bytes):  # the abstract namespace: shown as @name, like ss(8) does
+        return "@" + name[1:].decode(errors="backslashreplace") if name else "(unnamed)"
+    return name or "(unnamed)"
 
 
 def remove_if_ours(path: str, ident: tuple[int, int]) -> None:
@@ -104,12 +114,11 @@ def get_listener(settings: Settings) -> Listener:
     handed = _from_reexec()
     if handed is not None:
         return handed
-    fd = settings.fd
     host = settings.host
-    if fd is None and host.startswith("fd://"):
-        fd = _parse_fd_url(host)
-    if fd is not None:
-        return Listener(adopt_fd(fd, f"--fd {fd}"), "fd")
+    if settings.fd is not None:
+        return Listener(adopt_fd(settings.fd, f"--fd {settings.fd}"), "fd")
+    if host.startswith("fd://"):
+        return Listener(adopt_fd(_parse_fd_url(host), f"--host {host}"), "fd")
     activated = systemd.listen_fds()
     if activated:
         if settings.explicit & {"host", "port"}:
@@ -118,16 +127,19 @@ def get_listener(settings: Settings) -> Listener:
                 "drop --host/--port, or run without socket activation"
             )
         if len(activated) > 1:
-            log.warning("systemd passed %d sockets; serving on the first (fd %d)",
-                        len(activated), activated[0])
+            log.warning(
+                "systemd passed %d sockets; serving on the first (fd %d)",
+                len(activated),
+                activated[0],
+            )
         return Listener(adopt_fd(activated[0], f"LISTEN_FDS fd {activated[0]}"), "systemd")
     if host.startswith("unix:"):
-        return bind_unix(host[len("unix:"):], settings.backlog, settings.socket_mode)
+        return bind_unix(host[len("unix:") :], settings.backlog, settings.socket_mode)
     return bind_tcp(host, settings.port, settings.backlog, settings.address_family)
 
 
 def _parse_fd_url(host: str) -> int:
-    text = host[len("fd://"):]
+    text = host[len("fd://") :]
     if not text.isdigit():
         raise SocketError(f"--host {host}: expected fd://N with N a file descriptor number")
     return int(text)
@@ -149,33 +161,66 @@ def _from_reexec() -> Listener | None:
 
 
 def adopt_fd(fd: int, what: str) -> socket.socket:
-    """Take over an inherited listening stream socket; refuse anything else in one line."""
+    """Take over an inherited listening stream socket; refuse anything else in one line.
+
+    A refused fd is left exactly as it was found: not closed, not shut down, same flags.
+    """
+    closed = (
+        f"{what}: not an open file descriptor (is the process manager passing "
+        "the socket, e.g. Circus use_sockets = True?)"
+    )
     try:
         st = os.fstat(fd)
+    except OverflowError:  # larger than any fd number can be
+        raise SocketError(closed) from None
     except OSError as exc:
         if exc.errno == errno.EBADF:
-            raise SocketError(
-                f"{what}: not an open file descriptor (is the process manager passing "
-                "the socket, e.g. Circus use_sockets = True?)"
-            ) from None
+            raise SocketError(closed) from None
         raise SocketError(f"{what}: {exc.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"{what}: not a socket (is the process manager passing "
-                          "the socket, e.g. Circus use_sockets = True?)")
-    sock = socket.socket(fileno=fd)
+        raise SocketError(
+            f"{what}: not a socket (is the process manager passing "
+            "the socket, e.g. Circus use_sockets = True?)"
+        )
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:  # a socket the kernel will not describe (family, type)
+        raise SocketError(f"{what}: cannot use this socket ({exc.strerror})") from None
     try:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
         if kind != socket.SOCK_STREAM:
-            raise SocketError(f"{what}: not a stream socket (type {_type_name(kind)}); "
-                              "HTTP needs SOCK_STREAM")
+            raise SocketError(
+                f"{what}: not a stream socket (type {_type_name(kind)}); HTTP needs SOCK_STREAM"
+            )
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            raise SocketError(f"{what}: the socket is not listening "
-                              "(the process manager must bind and listen() before passing it)")
+            raise SocketError(
+                f"{what}: the socket is not listening "
+                "(the process manager must bind and listen() before passing it)"
+            )
     except BaseException:
         sock.detach()  # not ours to close: leave the fd as we found it
         raise
+    if fd <= 2:
+        sock = _off_stdio(sock)
     sock.set_inheritable(False)
     return sock
+
+
+def _off_stdio(sock: socket.socket) -> socket.socket:
+    """Move a socket passed as fd 0-2 (Supervisor's fcgi-program uses fd 0) to a new fd.
+
+    Left on fd 0 with close-on-exec, every program the application runs would start with
+    no stdin, and the next file it opens would land there; left inheritable, the
+    listening socket would leak into them. /dev/null takes its place instead.
+    """
+    fd = sock.detach()
+    moved = os.dup(fd)  # a new fd >= 3, close-on-exec
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(null, fd)  # closes our copy of the socket on fd; stdio stays inheritable
+    finally:
+        os.close(null)
+    return socket.socket(fileno=moved)
 
 
 def _type_name(kind: int) -> str:
@@ -197,13 +242,18 @@ def bind_tcp(host: str, port: int, backlog: int, family_name: str | None) -> Lis
     )
     bare = split_host(host)
     try:
-        infos = socket.getaddrinfo(bare or None, port, family, socket.SOCK_STREAM, 0,
-                                   socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            bare or None, port, family, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
         raise SocketError(f"--host {host}: cannot resolve ({exc.strerror})") from None
     last: OSError | None = None
     for fam, kind, proto, _, addr in infos:
-        sock = socket.socket(fam, kind, proto)
+        try:
+            sock = socket.socket(fam, kind, proto)
+        except OSError as exc:  # e.g. IPv6 disabled in this kernel
+            last = exc
+            continue
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(addr)
@@ -227,14 +277,23 @@ def bind_unix(path: str, backlog: int, mode: int | None) -> Listener:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        st = os.lstat(path)
-        if mode is not None:
-            os.chmod(path, mode)
-        sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise SocketError(f"cannot bind unix:{path}: {exc.strerror}") from None
-    return Listener(sock, "bound", owned_path=path, owned_id=(st.st_dev, st.st_ino))
+    # From here the file is ours: absolute, so that a chdir by the app or a re-exec does
+    # not make us look for it elsewhere at exit.
+    owned = os.path.abspath(path)
+    st = os.lstat(owned)
+    ident = (st.st_dev, st.st_ino)
+    try:
+        if mode is not None:
+            os.chmod(owned, mode)
+        sock.listen(backlog)
+    except OSError as exc:
+        remove_if_ours(owned, ident)  # before close(), as in Listener.close
+        sock.close()
+        raise SocketError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    return Listener(sock, "bound", owned_path=owned, owned_id=ident)
 
 
 def _clear_stale(path: str) -> None:
@@ -243,18 +302,29 @@ def _clear_stale(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise SocketError(f"unix:{path}: a file that is not a socket is in the way; "
-                          "remove it yourself if it is not needed")
+        raise SocketError(
+            f"unix:{path}: a file that is not a socket is in the way; "
+            "remove it yourself if it is not needed"
+        )
+    # Non-blocking: a live server with a full listen queue makes a blocking connect wait
+    # forever; EAGAIN then says "someone listens" just as a successful connect does.
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
         log.info("removing stale unix socket %s (nothing listens on it)", path)
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass  # someone else cleared it meanwhile
         return
+    except BlockingIOError:
+        pass  # its listen queue is full: very much alive
     except OSError as exc:
-        raise SocketError(f"unix:{path}: cannot check the existing socket ({exc.strerror})") \
-            from None
+        raise SocketError(
+            f"unix:{path}: cannot check the existing socket ({exc.strerror})"
+        ) from None
     finally:
         probe.close()
     raise SocketError(f"unix:{path}: another process is listening on it")

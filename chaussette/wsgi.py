@@ -8,7 +8,8 @@ Rules it keeps (PEP 3333):
   header comes from the app, and a second call needs ``exc_info``.
 - Headers go out with the first non-empty body chunk (or at the end), so a 500 can still
   replace them if the app fails before producing any body.
-- A list/tuple result without Content-Length gets one computed.
+- A list/tuple result without Content-Length gets one computed. No more body bytes than
+  the app's own Content-Length go out; fewer make the response cut, not complete.
 - The iterable's ``close()`` is always called, whatever happened.
 - An app error before headers are sent gives a 500; after, the response is aborted
   (the sink closes the connection without completing the framing) and the traceback logged.
@@ -34,11 +35,20 @@ WSGIApp = Callable[..., Iterable[bytes]]
 
 HOP_BY_HOP = frozenset(
     (
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
     )
 )
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
 
 ERROR_BODY = b"Internal Server Error\n"
 
@@ -53,7 +63,8 @@ class Sink(Protocol):
         """Send more body bytes (never empty)."""
 
     def send_file(self, file: BinaryIO, count: int | None) -> int | None:
-        """Send a file's bytes from its current position; None when the sink cannot."""
+        """Send a file's bytes from its current position (all of them, or ``count``);
+        returns how many, or None when the sink cannot (nothing was sent then)."""
 
     def finish(self) -> None:
         """The response is complete."""
@@ -96,10 +107,12 @@ class ErrorStream:
 
 
 class BodyReader:
-    """``wsgi.input`` over a ``read_some(n) -> bytes`` source ('' means end of body).
+    """``wsgi.input`` over a ``read_some(n) -> bytes`` source (b"" means end of body).
 
     ``read_some`` returns at most n bytes and blocks only until some are there, so an app
-    reading in chunks streams. ``before_first_read`` runs once (100-continue).
+    reading in chunks streams. ``before_first_read`` runs once (100-continue). The buffer
+    is a bytearray consumed from the front, and ``readline`` never rescans bytes it has
+    seen: a long body costs linear time whatever the app's read sizes.
     """
 
     def __init__(
@@ -108,53 +121,50 @@ class BodyReader:
         before_first_read: Callable[[], None] | None = None,
     ) -> None:
         self._read_some = read_some
-        self._buffer = b""
+        self._buffer = bytearray()
         self._eof = False
         self._before = before_first_read
 
-    def _fill(self, want: int) -> bytes:
+    def _fill(self, want: int) -> bool:
+        """Append what the source has (at least ``want`` is asked); False at the end."""
         if self._before is not None:
             before, self._before = self._before, None
             before()
         if self._eof:
-            return b""
+            return False
         data = self._read_some(max(want, 8192))
         if not data:
             self._eof = True
+            return False
+        self._buffer += data
+        return True
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
         return data
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
-            parts = [self._buffer]
-            self._buffer = b""
-            while chunk := self._fill(65536):
-                parts.append(chunk)
-            return b"".join(parts)
-        while len(self._buffer) < size:
-            chunk = self._fill(size - len(self._buffer))
-            if not chunk:
-                break
-            self._buffer += chunk
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
-        return data
+            while self._fill(65536):
+                pass
+            return self._take(len(self._buffer))
+        while len(self._buffer) < size and self._fill(size - len(self._buffer)):
+            pass
+        return self._take(size)
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = sys.maxsize if size is None or size < 0 else size
+        scanned = 0
         while True:
-            end = self._buffer.find(b"\n", 0, limit)
+            end = self._buffer.find(b"\n", scanned, limit)
             if end >= 0:
-                end += 1
-                break
+                return self._take(end + 1)
             if len(self._buffer) >= limit:
-                end = limit
-                break
-            chunk = self._fill(8192)
-            if not chunk:
-                end = len(self._buffer)
-                break
-            self._buffer += chunk
-        line, self._buffer = self._buffer[:end], self._buffer[end:]
-        return line
+                return self._take(limit)
+            scanned = len(self._buffer)
+            if not self._fill(8192):
+                return self._take(len(self._buffer))
 
     def readlines(self, hint: int | None = -1) -> list[bytes]:
         lines, total = [], 0
@@ -174,12 +184,23 @@ def check_status(status: object) -> int:
     if not isinstance(status, str):
         raise TypeError(f"status must be a str, got {type(status).__name__}")
     code, _, reason = status.partition(" ")
-    if len(code) != 3 or not code.isdigit() or not reason or "\r" in status or "\n" in status:
+    if (
+        len(code) != 3
+        or not (code.isascii() and code.isdigit())
+        or code[0] == "0"
+        or not reason
+        or any(c in reason for c in "\r\n\0")
+    ):
         raise ValueError(f"status must look like '200 OK', got {status!r}")
+    try:
+        reason.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"status not encodable as latin-1: {status!r}") from None
     return int(code)
 
 
 def check_headers(headers: object) -> list[tuple[str, str]]:
+    """The app's headers, checked; returns a copy the server may extend."""
     if type(headers) is not list:
         raise TypeError(f"headers must be a list, got {type(headers).__name__}")
     for item in headers:
@@ -198,7 +219,21 @@ def check_headers(headers: object) -> list[tuple[str, str]]:
             raise ValueError(f"header value of {name!r} contains CR, LF or NUL")
         if name.lower() in HOP_BY_HOP:
             raise ValueError(f"hop-by-hop header {name!r} is the server's to set")
-    return headers
+    declared_length(headers)
+    return list(headers)
+
+
+def declared_length(headers: list[tuple[str, str]]) -> int | None:
+    """The Content-Length the headers declare, None if none; ValueError if malformed."""
+    values = {v.strip() for n, v in headers if n.lower() == "content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ValueError(f"conflicting Content-Length headers: {sorted(values)}")
+    value = values.pop()
+    if not (value.isascii() and value.isdigit()):
+        raise ValueError(f"Content-Length must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 class Response:
@@ -212,6 +247,7 @@ class Response:
         self.headers: list[tuple[str, str]] = []
         self.headers_sent = False
         self.status_code = 0
+        self.length: int | None = None  # the app's own Content-Length
         self.body_bytes = 0
         self.failed = False  # the app raised
         self.client_gone = False
@@ -231,6 +267,7 @@ class Response:
             raise AssertionError("start_response called a second time without exc_info")
         code = check_status(status)
         self.headers = check_headers(headers)
+        self.length = declared_length(self.headers)
         self.status, self.status_code = status, code
         return self.write
 
@@ -247,13 +284,15 @@ class Response:
         try:
             result = self.app(self.environ, self.start_response)
             self._iterate(result)
-            if not self.headers_sent:
-                self._send_headers(b"", final=True)
-            self.sink.finish()
+            self._complete()
         except ClientGone as exc:
             self.client_gone = True
-            log.info("client went away (%s %s): %s", self.environ.get("REQUEST_METHOD"),
-                     self.environ.get("PATH_INFO"), exc.__cause__ or exc)
+            log.info(
+                "client went away (%s %s): %s",
+                self.environ.get("REQUEST_METHOD"),
+                self.environ.get("PATH_INFO"),
+                exc.__cause__ or exc,
+            )
         except Exception:
             self.failed = True
             self._handle_error(sys.exc_info())
@@ -264,19 +303,47 @@ class Response:
     def _iterate(self, result: Iterable[bytes]) -> None:
         if isinstance(result, FileWrapper) and self._try_sendfile(result):
             return
-        if isinstance(result, (list, tuple)) and not self.headers_sent and self.status:
-            if not any(n.lower() == "content-length" for n, _ in self.headers):
-                chunks = list(result)
-                for chunk in chunks:
-                    self._check_chunk(chunk)
-                body = b"".join(chunks)
-                self.headers.append(("Content-Length", str(len(body))))
-                self._send_headers(body, final=True)
-                return
+        if (
+            isinstance(result, (list, tuple))
+            and not self.headers_sent
+            and self.status is not None
+            and self.length is None
+        ):
+            for chunk in result:
+                self._check_chunk(chunk)
+            body = b"".join(result)
+            self.headers.append(("Content-Length", str(len(body))))
+            self.length = len(body)
+            self._send_headers(body, final=True)
+            return
         for chunk in result:
             self._check_chunk(chunk)
             if chunk:
                 self._send(chunk)
+            if self.length is not None and self.body_bytes >= self.length:
+                break  # PEP 3333: stop iterating once Content-Length is reached
+
+    def _complete(self) -> None:
+        if not self.headers_sent:
+            self._send_headers(b"", final=True)
+        if self._short():
+            log.error(
+                "app declared Content-Length %s but sent %d bytes (%s %s): connection cut",
+                self.length,
+                self.body_bytes,
+                self.environ.get("REQUEST_METHOD"),
+                self.environ.get("PATH_INFO"),
+            )
+            self._sink_call(self.sink.abort)
+        else:
+            self._sink_call(self.sink.finish)
+
+    def _short(self) -> bool:
+        """True when the body is shorter than the app's Content-Length said it would be."""
+        if self.length is None or self.body_bytes >= self.length:
+            return False
+        bodyless = self.status_code < 200 or self.status_code in (204, 304)
+        return not bodyless and self.environ.get("REQUEST_METHOD") != "HEAD"
 
     @staticmethod
     def _check_chunk(chunk: object) -> None:
@@ -291,10 +358,10 @@ class Response:
             return False
         if not self.headers_sent:
             self._send_headers(b"", final=False)
-        try:
-            sent = self.sink.send_file(file, None)
-        except OSError as exc:
-            raise ClientGone() from exc
+        count = None if self.length is None else self.length - self.body_bytes
+        if count is not None and count <= 0:
+            return True
+        sent = self._sink_call(self.sink.send_file, file, count)
         if sent is None:
             return False
         self.body_bytes += sent
@@ -303,34 +370,49 @@ class Response:
     def _send(self, data: bytes) -> None:
         if self.status is None:
             raise AssertionError("the app sent body bytes before calling start_response")
-        try:
-            if not self.headers_sent:
-                self._send_headers(data, final=False)
-            else:
-                self.sink.send_body(data)
-        except OSError as exc:
-            raise ClientGone() from exc
+        if self.length is not None:
+            room = self.length - self.body_bytes
+            if len(data) > room:
+                log.warning(
+                    "app sent more than its Content-Length %d (%s %s): extra bytes dropped",
+                    self.length,
+                    self.environ.get("REQUEST_METHOD"),
+                    self.environ.get("PATH_INFO"),
+                )
+                data = data[:room]
+                if not data:
+                    return
+        if not self.headers_sent:
+            self._send_headers(data, final=False)
+        else:
+            self._sink_call(self.sink.send_body, data)
         self.body_bytes += len(data)
 
     def _send_headers(self, body: bytes, final: bool) -> None:
         if self.status is None:
             raise AssertionError("the app returned without calling start_response")
-        headers = self.headers
-        if final and not any(n.lower() == "content-length" for n, _ in headers):
-            headers.append(("Content-Length", str(len(body))))
+        if final and self.length is None:
+            self.headers.append(("Content-Length", str(len(body))))
+            self.length = len(body)
         self.headers_sent = True
-        try:
-            self.sink.send_headers(self.status, headers, body)
-        except OSError as exc:
-            raise ClientGone() from exc
+        self._sink_call(self.sink.send_headers, self.status, self.headers, body)
         if final:
             self.body_bytes += len(body)
 
+    @staticmethod
+    def _sink_call(method: Callable[..., Any], *args: Any) -> Any:
+        """Call the sink; an ``OSError`` there means the client went away."""
+        try:
+            return method(*args)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
+
     def _handle_error(self, exc_info: Any) -> None:
+        where = (self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"))
         if self.headers_sent:
             log.error(
                 "app failed after the response started (%s %s): connection cut",
-                self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"),
+                *where,
                 exc_info=exc_info,
             )
             try:
@@ -338,17 +420,15 @@ class Response:
             except OSError:
                 pass
             return
-        log.error(
-            "app failed (%s %s): answered 500",
-            self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"),
-            exc_info=exc_info,
-        )
+        log.error("app failed (%s %s): answered 500", *where, exc_info=exc_info)
         self.status, self.status_code = "500 Internal Server Error", 500
         self.headers = [("Content-Type", "text/plain; charset=utf-8")]
+        self.length = None
+        self.body_bytes = 0
         try:
             self._send_headers(ERROR_BODY, final=True)
-            self.sink.finish()
-        except (ClientGone, OSError):
+            self._sink_call(self.sink.finish)
+        except ClientGone:
             self.client_gone = True
 
     def _close(self, result: Iterable[bytes]) -> None:

@@ -84,7 +84,8 @@ class Proc:
         return self.popen.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def send(self, signum: int) -> None:

@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from email.utils import formatdate
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 from wsgiref.util import FileWrapper
 
@@ -48,6 +48,12 @@ _STATUS_TEXT = {
 }
 _NO_BODY_CODES = frozenset((204, 304))
 _METHOD_CHARS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ-_")
+_TOKEN_CHARS = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+_MAX_EMPTY_LINES = 8  # CRLFs tolerated before a request line
+_SMALL_WRITE = 65536  # pieces up to this size are joined into one send
 
 
 class BadRequest(Exception):
@@ -56,22 +62,31 @@ class BadRequest(Exception):
         self.status = status
 
 
-class Request:
-    __slots__ = ("method", "target", "version", "headers")
+class LineReader(Protocol):
+    def readline(self, size: int | None = -1, /) -> bytes: ...
 
-    def __init__(self, method: str, target: str, version: str,
-                 headers: list[tuple[str, str]]) -> None:
+
+class Request:
+    __slots__ = ("headers", "method", "target", "version")
+
+    def __init__(
+        self, method: str, target: str, version: str, headers: list[tuple[str, str]]
+    ) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
 
 
-def read_head(rfile: BinaryIO, max_line: int, max_headers: int) -> Request | None:
+def read_head(rfile: LineReader, max_line: int, max_headers: int) -> Request | None:
     """Read and check a request head. None if the client closed without sending one."""
     line = rfile.readline(max_line + 1)
-    while line in (b"\r\n", b"\n"):  # RFC 9112: ignore empty lines before a request
+    for _ in range(_MAX_EMPTY_LINES):  # RFC 9112: ignore empty lines before a request
+        if line not in (b"\r\n", b"\n"):
+            break
         line = rfile.readline(max_line + 1)
+    else:
+        raise BadRequest(400, "only empty lines instead of a request line")
     if not line:
         return None
     if len(line) > max_line or not line.endswith(b"\n"):
@@ -107,17 +122,22 @@ def read_head(rfile: BinaryIO, max_line: int, max_headers: int) -> Request | Non
         if raw[:1] in (b" ", b"\t"):
             raise BadRequest(400, "obsolete header line folding")
         name, sep, value = raw.partition(b":")
-        if not sep or not name or name != name.strip() or b" " in name:
+        if not sep or not name or not set(name) <= _TOKEN_CHARS:
             raise BadRequest(400, "malformed header line")
         if b"\0" in value or b"\r" in value:
             raise BadRequest(400, "invalid character in a header value")
         headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return Request(method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"),
-                   headers)
+    return Request(
+        method.decode("ascii"), target.decode("latin-1"), version.decode("ascii"), headers
+    )
 
 
 class HTTPSink:
-    """HTTP/1.x response framing on a blocking socket."""
+    """HTTP/1.x response framing on a blocking socket with a timeout.
+
+    Every wait for the client is bounded by the socket timeout, but not the whole transfer:
+    ``sendall``'s timeout is a total and would cut a slow but steady download.
+    """
 
     def __init__(self, sock: socket.socket, version: str, head_only: bool) -> None:
         self.sock = sock
@@ -140,27 +160,40 @@ class HTTPSink:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if bodyless:
             body = b""
-        self.sock.sendall(head + self._frame(body) if body else head)
+        self._write(head, *self._frame(body))
 
-    def _frame(self, data: bytes) -> bytes:
+    def _frame(self, data: bytes) -> tuple[bytes, ...]:
+        if not data:
+            return ()
         if self.chunked:
-            return b"%x\r\n%b\r\n" % (len(data), data)
-        return data
+            return (b"%x\r\n" % len(data), data, b"\r\n")
+        return (data,)
+
+    def _write(self, *parts: bytes) -> None:
+        if len(parts) > 1 and sum(map(len, parts)) <= _SMALL_WRITE:
+            parts = (b"".join(parts),)  # one segment for small responses (TCP_NODELAY is on)
+        for part in parts:
+            with memoryview(part) as view:
+                sent = 0
+                while sent < len(view):
+                    sent += self.sock.send(view[sent:])
 
     def send_body(self, data: bytes) -> None:
         if not self.head_only:
-            self.sock.sendall(self._frame(data))
+            self._write(*self._frame(data))
 
     def send_file(self, file: BinaryIO, count: int | None) -> int | None:
         if self.chunked:
             return None
         if self.head_only:
             return 0
-        return self.sock.sendfile(file, count=count)
+        # socket.sendfile starts at ``offset``, not at the file position: PEP 3333 wants
+        # the transfer to begin where the app left the file.
+        return self.sock.sendfile(file, file.tell(), count)
 
     def finish(self) -> None:
         if self.chunked and not self.head_only:
-            self.sock.sendall(b"0\r\n\r\n")
+            self._write(b"0\r\n\r\n")
 
     def abort(self) -> None:
         self.chunked = False  # never send the last chunk: the client sees the cut
@@ -174,7 +207,10 @@ class _LengthSource:
     def __call__(self, size: int) -> bytes:
         if self.left <= 0:
             return b""
-        data: bytes = self.rfile.read1(min(size, self.left))
+        try:
+            data: bytes = self.rfile.read1(min(size, self.left))
+        except OSError as exc:  # timed out, reset
+            raise BodyTruncated(f"reading the body: {exc}") from exc
         if not data:
             raise BodyTruncated(f"client closed with {self.left} body bytes unsent")
         self.left -= len(data)
@@ -187,6 +223,7 @@ class _LengthSource:
 
 class _ChunkedSource:
     MAX_LINE = 4096
+    MAX_TRAILERS = 100
 
     def __init__(self, rfile: Any) -> None:
         self.rfile = rfile
@@ -200,18 +237,23 @@ class _ChunkedSource:
         return line.rstrip(b"\r\n")
 
     def __call__(self, size: int) -> bytes:
+        try:
+            return self._read(size)
+        except BodyTruncated:
+            raise
+        except OSError as exc:  # timed out, reset
+            raise BodyTruncated(f"reading the body: {exc}") from exc
+
+    def _read(self, size: int) -> bytes:
         if self.done:
             return b""
         if self.left == 0:
-            size_text = self._line().split(b";", 1)[0].strip()
-            try:
-                if not size_text or size_text.startswith((b"-", b"+", b"0x", b"0X")):
-                    raise ValueError
-                self.left = int(size_text, 16)
-            except ValueError:
-                raise BodyTruncated("malformed chunk size") from None
+            size_text = self._line().split(b";", 1)[0].rstrip(b" \t")
+            if not size_text or len(size_text) > 16 or not set(size_text) <= _HEX_DIGITS:
+                raise BodyTruncated(f"malformed chunk size {size_text[:20]!r}")
+            self.left = int(size_text, 16)
             if self.left == 0:
-                for _ in range(100):  # trailers, bounded
+                for _ in range(self.MAX_TRAILERS):
                     if not self._line():
                         break
                 else:
@@ -254,8 +296,9 @@ class WSGIRefServer(Server):
 
     def start(self) -> None:
         self.listener.sock.setblocking(False)
-        self.thread = threading.Thread(target=self._accept_loop, name="chaussette-accept",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._accept_loop, name="chaussette-accept", daemon=True
+        )
         self.thread.start()
 
     def stop_accepting(self) -> None:
@@ -317,8 +360,9 @@ class WSGIRefServer(Server):
     def _spawn(self, conn: socket.socket, addr: Any) -> None:
         with self.idle:
             self.active += 1
-        thread = threading.Thread(target=self._serve, args=(conn, addr), daemon=True,
-                                  name="chaussette-request")
+        thread = threading.Thread(
+            target=self._serve, args=(conn, addr), daemon=True, name="chaussette-request"
+        )
         try:
             thread.start()
         except RuntimeError:  # can't start new thread
@@ -392,7 +436,8 @@ class WSGIRefServer(Server):
         environ: dict[str, Any] = {
             "REQUEST_METHOD": request.method,
             "SCRIPT_NAME": "",
-            "PATH_INFO": unquote_to_bytes(path).decode("latin-1"),
+            # PEP 3333: the bytes the client sent, percent-decoded, as latin-1 text
+            "PATH_INFO": unquote_to_bytes(path.encode("latin-1")).decode("latin-1"),
             "QUERY_STRING": query.split("#", 1)[0],
             "RAW_URI": request.target,
             "REQUEST_URI": request.target,
@@ -408,6 +453,7 @@ class WSGIRefServer(Server):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
+            "wsgi.input_terminated": True,  # read() ends at the body's end, chunked or not
         }
         if self.tcp:
             environ["REMOTE_PORT"] = str(addr[1])
@@ -434,6 +480,9 @@ class WSGIRefServer(Server):
                 chunked = True
             elif key == "EXPECT" and value.lower() == "100-continue":
                 expect_continue = True
+            elif key == "HOST" and "HTTP_HOST" in environ:
+                self._reject(conn, 400)  # RFC 9112: exactly one Host
+                return None, None
             key = "HTTP_" + key
             if key in environ:
                 sep = "; " if key == "HTTP_COOKIE" else ", "
@@ -448,15 +497,20 @@ class WSGIRefServer(Server):
             source = _ChunkedSource(rfile)
         else:
             if length is not None:
-                if not length.isdigit():
+                if not (length.isascii() and length.isdigit()):
                     self._reject(conn, 400)
                     return None, None
                 environ["CONTENT_LENGTH"] = length
             source = _LengthSource(rfile, int(length or 0))
         before = None
         if expect_continue and request.version == "HTTP/1.1" and not source.done:
+
             def before() -> None:
-                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                try:
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError as exc:
+                    raise BodyTruncated(f"sending 100 Continue: {exc}") from exc
+
         environ["wsgi.input"] = BodyReader(source, before)
         host = environ.get("HTTP_HOST")
         if host and not self.tcp:
@@ -466,8 +520,10 @@ class WSGIRefServer(Server):
     def _reject(self, conn: socket.socket, status: int) -> None:
         text = _STATUS_TEXT.get(status, "Bad Request")
         body = f"{status} {text}\n".encode()
-        head = (f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        head = (
+            f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
         try:
             conn.sendall(head + body)
             self._linger(conn)
@@ -495,8 +551,12 @@ class WSGIRefServer(Server):
             '%s - - [%s] "%s %s %s" %s %s "%s" "%s" %.3f',
             environ.get("REMOTE_ADDR", "-"),
             time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-            environ["REQUEST_METHOD"], uri, environ["SERVER_PROTOCOL"],
-            response.status_code or "-", response.body_bytes or "-",
-            environ.get("HTTP_REFERER", "-"), environ.get("HTTP_USER_AGENT", "-"),
+            environ["REQUEST_METHOD"],
+            uri,
+            environ["SERVER_PROTOCOL"],
+            response.status_code or "-",
+            response.body_bytes or "-",
+            environ.get("HTTP_REFERER", "-"),
+            environ.get("HTTP_USER_AGENT", "-"),
             time.monotonic() - started,
         )
