@@ -119,19 +119,30 @@ def _split_file_spec(spec: str) -> tuple[str | None, str | None]:
 
 def _load_file(path: str) -> ModuleType:
     """Run a .py/.wsgi file as a module, the way mod_wsgi does; its directory goes on
-    sys.path so that it can import its neighbours."""
+    sys.path so that it can import its neighbours.
+
+    The source is compiled each time, with no bytecode cache: a cached ``.pyc`` is trusted
+    when size and mtime (whole seconds) match, so a quick same-size edit followed by a
+    restart would run the old code; and ``app.wsgi`` would share ``app.py``'s cache entry.
+    """
     full = os.path.abspath(path)
     name = FILE_MODULE_PREFIX + "".join(c if c.isalnum() else "_" for c in full)
-    loader = importlib.machinery.SourceFileLoader(name, full)
-    mod_spec = importlib.util.spec_from_loader(name, loader)
+    mod_spec = importlib.util.spec_from_file_location(
+        name, full, loader=importlib.machinery.SourceFileLoader(name, full)
+    )
     assert mod_spec is not None
     module = importlib.util.module_from_spec(mod_spec)
     directory = os.path.dirname(full)
     if directory not in sys.path:
         sys.path.insert(0, directory)
+    try:
+        with open(full, "rb") as f:
+            source = importlib.util.decode_source(f.read())
+    except OSError as exc:
+        raise AppLoadError(f"{path}: cannot read the file ({exc.strerror})") from None
     sys.modules[name] = module
     try:
-        loader.exec_module(module)
+        exec(compile(source, full, "exec", dont_inherit=True), module.__dict__)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # SystemExit too: a sys.exit() while loading is a failure
@@ -191,7 +202,7 @@ def _failed_module(name: str) -> str:
 
 
 def _what(exc: BaseException) -> str:
-    return f"{type(exc).__name__} (traceback above)"
+    return f"{type(exc).__name__}, see its traceback"
 
 
 def import_module(name: str, spec: str) -> ModuleType:

@@ -61,6 +61,21 @@ def report(exc: ChaussetteError) -> None:
     # one line, whatever the message carries (a library's message may span several)
     line = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
     print(f"chaussette: error: {line}", file=sys.stderr, flush=True)
+    _log_to_files(line, user_exc)
+
+
+def _log_to_files(line: str, user_exc: BaseException | None) -> None:
+    """Also put the error in the log files (--log-output FILE, --log-config), where an
+    operator looks first; the terminal already has it."""
+    root = logging.getLogger()
+    standard = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    if not any(getattr(h, "stream", None) not in standard for h in root.handlers):
+        return
+    for handler in root.handlers:
+        if getattr(handler, "stream", None) in standard:
+            root.removeHandler(handler)  # said once on the terminal is enough
+    exc_info = (type(user_exc), user_exc, _trim(user_exc.__traceback__)) if user_exc else None
+    log.error("%s", line, exc_info=exc_info)
 
 
 def _trim(tb: TracebackType | None) -> TracebackType | None:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from chaussette import logs, systemd
 from chaussette.errors import EXIT_OK, EXIT_RUNTIME, MissingDependency
+from chaussette.sockets import REEXEC_PID
 
 if TYPE_CHECKING:
     from chaussette.backends.base import Server
@@ -59,6 +60,10 @@ class Signals:
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
         self._closed = False
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
 
     def install(self, signums: Iterable[int] = HANDLED) -> None:
         self._previous_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
@@ -98,16 +103,35 @@ class Signals:
         return self.pending.popleft() if self.pending else None
 
 
+def _early_signals() -> Signals | None:
+    """In the image a re-exec started, record signals from the start, before the app is
+    imported: they arrive blocked (see ``reexec``), and threads or subprocesses the app
+    starts while it is imported must not inherit that mask."""
+    if os.environ.get(REEXEC_PID) != str(os.getpid()):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    signals = Signals()
+    signals.install()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+    return signals
+
+
+_early: Signals | None = _early_signals()
+
+
 def _name(event: int | str) -> str:
     return signal.Signals(event).name if isinstance(event, int) else "code changed"
 
 
 def serve(server: Server, listener: Listener, settings: Settings) -> int:
     """Serve until told to stop; returns the exit code (or re-execs and never returns)."""
-    signals = Signals()
-    signals.install()
-    # A re-exec blocked these across execve(); now that they are recorded, let them in
-    # (a signal sent while the new image started is delivered here).
+    global _early
+    signals, _early = _early or Signals(), None
+    if not signals.installed:
+        signals.install()
+    # Signals a manager may have left blocked are ours to handle (a re-exec'd image has
+    # unblocked them already, at import).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     stop_watching = threading.Event()
     try:

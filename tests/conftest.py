@@ -71,7 +71,7 @@ class Proc:
                  log_dir: Path | None = None) -> None:
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="chs-log-"))
         self.log_path = log_dir / f"proc-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.args = args
         self.popen = subprocess.Popen(
             args, cwd=str(cwd or ROOT), env=env if env is not None else child_env(),
@@ -153,7 +153,7 @@ def parse_response(raw: bytes, head_only: bool = False) -> HTTPResponse:
     if not sep:
         raise AssertionError(f"incomplete response: {raw[:200]!r}")
     lines = head.decode("latin-1").split("\r\n")
-    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
     headers = [tuple(line.split(": ", 1)) for line in lines[1:]]
     resp = HTTPResponse(int(status), reason, headers, b"", raw)  # type: ignore[arg-type]
     if head_only:

@@ -399,3 +399,22 @@ def test_error_messages_are_one_line():
             apps.load_app(spec)
         assert "\n" not in str(info.value)
         assert spec.split("#")[0] in str(info.value)
+
+
+def test_a_file_app_is_compiled_from_its_source_each_time(tmp_path, monkeypatch):
+    # a bytecode cache trusts size + mtime in whole seconds: a same-size edit saved in the
+    # same second must still be seen (a restart after a quick fix runs the fix)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    path = tmp_path / "load_quick.py"
+    source = (
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'{}']\n"
+    )
+    path.write_text(source.format("AAAA"))
+    assert call(apps.load_app(str(path)))[1] == b"AAAA"
+    before = path.stat()
+    path.write_text(source.format("BBBB"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert call(apps.load_app(str(path)))[1] == b"BBBB"

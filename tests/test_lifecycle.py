@@ -29,12 +29,17 @@ HOOKS = "tests.apps.life_hooks"
 
 VERSIONED_APP = """\
 import os
+import signal
 
 VERSION = {version!r}
+IMPORT_MASK = sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
 
 
 def application(environ, start_response):
-    body = f"{{VERSION}} {{os.getpid()}}".encode()
+    if environ["PATH_INFO"] == "/mask":  # the signals blocked while this module was imported
+        body = repr(IMPORT_MASK).encode()
+    else:
+        body = f"{{VERSION}} {{os.getpid()}}".encode()
     start_response("200 OK", [("Content-Type", "text/plain"),
                               ("Content-Length", str(len(body)))])
     return [body]
@@ -303,8 +308,12 @@ def test_sighup_under_load_tcp(procs, tmp_path):
     proc = procs.chaussette("--port", str(port), str(app_file))
     address = ("127.0.0.1", port)
     wait_http(address, proc)
+    mask = http_request(address, "/mask").body
     seen = _sighup_under_load(proc, address, app_file)
     assert len(seen) >= 2, seen  # the stream crossed restarts
+    # signals are blocked across the re-exec, but not while the new image imports the app
+    # (its threads and subprocesses would inherit the mask)
+    assert http_request(address, "/mask").body == mask
     assert wait_exit_after(proc, signal.SIGTERM) == 0
 
 

@@ -453,7 +453,6 @@ class WSGIRefServer(Server):
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.file_wrapper": FileWrapper,
-            "wsgi.input_terminated": True,  # read() ends at the body's end, chunked or not
         }
         if self.tcp:
             environ["REMOTE_PORT"] = str(addr[1])
@@ -495,6 +494,10 @@ class WSGIRefServer(Server):
         source: _LengthSource | _ChunkedSource | None
         if chunked:
             source = _ChunkedSource(rfile)
+            # No CONTENT_LENGTH: tell apps (Werkzeug) that read() ends at the body's end.
+            # Only here: with a length they read by it, and setting it always makes Werkzeug
+            # call read() without a size, which PEP 3333 (and wsgiref.validate) forbid.
+            environ["wsgi.input_terminated"] = True
         else:
             if length is not None:
                 if not (length.isascii() and length.isdigit()):

@@ -38,7 +38,7 @@ class _Closing:
         self.marker, self.n, self.pause = marker, n, pause
 
     def __iter__(self):
-        for i in range(self.n):
+        for _ in range(self.n):
             yield b"x" * 65536
             time.sleep(self.pause)
 
@@ -87,7 +87,7 @@ def application(environ, start_response):
         return _reply(start_response, b"b" * int(q.get("size", str(64 * 1024))))
     if path == "/file":
         size = int(q.get("size", "100000"))
-        f = tempfile.TemporaryFile()
+        f = tempfile.TemporaryFile()  # noqa: SIM115 (the file wrapper closes it)
         f.write(b"f" * size)
         f.seek(0)
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
