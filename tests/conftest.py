@@ -66,17 +66,28 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class Proc:
     """A running chaussette (or other) process with its output in a file."""
 
-    def __init__(self, args: list[str], *, cwd: str | Path | None = None,
-                 env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = (),
-                 log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        cwd: str | Path | None = None,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        log_dir: Path | None = None,
+    ) -> None:
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="chs-log-"))
         self.log_path = log_dir / f"proc-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.args = args
         self.popen = subprocess.Popen(
-            args, cwd=str(cwd or ROOT), env=env if env is not None else child_env(),
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            pass_fds=pass_fds, start_new_session=True,
+            args,
+            cwd=str(cwd or ROOT),
+            env=env if env is not None else child_env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            pass_fds=pass_fds,
+            start_new_session=True,
         )
 
     @property
@@ -136,10 +147,16 @@ def connect(address: tuple[str, int] | str, timeout: float = 10) -> socket.socke
 
 
 class HTTPResponse:
-    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]],
-                 body: bytes, raw: bytes) -> None:
+    def __init__(
+        self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes, raw: bytes
+    ) -> None:
         self.status, self.reason, self.headers, self.body, self.raw = (
-            status, reason, headers, body, raw)
+            status,
+            reason,
+            headers,
+            body,
+            raw,
+        )
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -182,12 +199,17 @@ def dechunk(data: bytes) -> bytes:
         if len(data) < size + 2:
             raise AssertionError("chunked body cut inside a chunk")
         out.append(data[:size])
-        data = data[size + 2:]
+        data = data[size + 2 :]
 
 
-def http_request(address: tuple[str, int] | str, path: str = "/", method: str = "GET",
-                 body: bytes = b"", headers: dict[str, str] | None = None,
-                 timeout: float = 10) -> HTTPResponse:
+def http_request(
+    address: tuple[str, int] | str,
+    path: str = "/",
+    method: str = "GET",
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> HTTPResponse:
     """One request on a new connection, read until the server closes."""
     hdrs = {"Host": "localhost", "Connection": "close"}
     if body or method in ("POST", "PUT"):
@@ -209,8 +231,9 @@ def read_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
-def wait_http(address: tuple[str, int] | str, proc: Proc | None = None, path: str = "/",
-              timeout: float = 20) -> HTTPResponse:
+def wait_http(
+    address: tuple[str, int] | str, proc: Proc | None = None, path: str = "/", timeout: float = 20
+) -> HTTPResponse:
     """Poll until an HTTP request succeeds (a TCP connect alone proves nothing)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None

@@ -365,7 +365,7 @@ def test_failing_pre_hook_stops_startup(tmp_path):
         ("--post-hook", HOOKS, "names a module, not a callable"),
     ],
 )
-def test_hook_that_cannot_be_loaded_stops_startup(tmp_path, flag, spec, fragment):
+def test_hook_that_cannot_be_loaded_stops_startup(flag, spec, fragment):
     code, output = run("--port", "0", flag, spec, ROUTES_APP)
     assert code == EXIT_RUNTIME
     line = error_line(output)
@@ -572,3 +572,13 @@ def test_console_script_is_the_same_front_door(tmp_path):
     )
     assert done.returncode == EXIT_USAGE
     assert error_line(done.stderr) == "chaussette: error: --port: expected an integer, got 'abc'"
+
+
+def test_load_error_also_reaches_the_log_file(tmp_path):
+    log = tmp_path / "server.log"
+    code, output = run("--port", "0", "--log-output", str(log), "tests.apps.load_pkg.raises")
+    assert code == 3
+    line = error_line(output)
+    text = log.read_text()
+    assert "[ERROR] " + line[len("chaussette: error: ") :] in text
+    assert 'load_pkg/raises.py", line' in text  # with the user's traceback

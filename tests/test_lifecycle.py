@@ -353,13 +353,9 @@ def wait_exit_after(proc: Proc, signum: int) -> int:
     return wait_exit(proc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="apps._load_file runs a file app through SourceFileLoader, whose __pycache__ "
-    "entry is trusted when size and mtime (whole seconds) match: a same-size edit in the "
-    "same second as the previous load restarts with the old code",
-)
 def test_sighup_same_size_edit_of_file_app(procs, tmp_path):
+    """A .pyc of the old file is trusted by Python when size and whole-second mtime match:
+    a file app must be compiled from its source at each start."""
     app_file = tmp_path / "sapp.py"
     write_app(app_file, "AAAA")
     env = child_env()

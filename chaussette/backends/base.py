@@ -38,5 +38,5 @@ class Server(abc.ABC):
     def in_flight(self) -> int:
         """Requests (or connections) being served now."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most adapters hold nothing)
         """Release what the adapter holds. Unfinished requests are abandoned."""

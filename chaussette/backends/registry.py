@@ -52,7 +52,9 @@ class BackendInfo:
 
 BACKENDS: tuple[BackendInfo, ...] = (
     BackendInfo(
-        "wsgiref", "http", "chaussette.backends.wsgiref:WSGIRefServer",
+        "wsgiref",
+        "http",
+        "chaussette.backends.wsgiref:WSGIRefServer",
         "stdlib only: a bounded thread per request, no keep-alive",
         threads=True,
     ),
@@ -70,10 +72,11 @@ def lookup(protocol: str, backend: str) -> BackendInfo:
     names = ", ".join(b.name for b in BACKENDS if b.protocol == protocol)
     other = [b.protocol for b in BACKENDS if b.name == backend]
     if other:
-        raise UsageError(f"--backend {backend} does not speak --protocol {protocol}; "
-                         f"for {protocol} choose from {names}")
-    raise UsageError(f"--backend {backend}: unknown for --protocol {protocol}; "
-                     f"choose from {names}")
+        raise UsageError(
+            f"--backend {backend} does not speak --protocol {protocol}; "
+            f"for {protocol} choose from {names}"
+        )
+    raise UsageError(f"--backend {backend}: unknown for --protocol {protocol}; choose from {names}")
 
 
 def table() -> str:
@@ -81,18 +84,20 @@ def table() -> str:
     rows = [("protocol", "backend", "installed", "unix", "drain", "install", "what it is")]
     for b in BACKENDS:
         missing = b.missing()
-        rows.append((
-            b.protocol,
-            b.name,
-            "yes" if not missing else f"no ({', '.join(missing)})",
-            "yes" if b.unix else "no",
-            "yes" if b.drain else "no",
-            f"pip install 'chaussette[{b.extra}]'" if b.extra else "(stdlib)",
-            b.summary,
-        ))
+        rows.append(
+            (
+                b.protocol,
+                b.name,
+                "yes" if not missing else f"no ({', '.join(missing)})",
+                "yes" if b.unix else "no",
+                "yes" if b.drain else "no",
+                f"pip install 'chaussette[{b.extra}]'" if b.extra else "(stdlib)",
+                b.summary,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
-        cells = [c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]
+        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)

@@ -93,4 +93,33 @@ def boom() -> str:
     raise RuntimeError("boom from the flask view")
 
 
-validated_app = validator(app)
+class _SizedReads:
+    """Werkzeug calls ``wsgi.input.read()`` without a size; PEP 3333 wants one and the
+    validator of some Pythons (3.11.2) asserts it. Pass ``-1`` explicitly so the validator
+    keeps checking chaussette's side (environ, start_response, iterable) on every request."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def read(self, size=-1):
+        return self._stream.read(size)
+
+    def readline(self, *args):
+        return self._stream.readline(*args)
+
+    def readlines(self, *args):
+        return self._stream.readlines(*args)
+
+    def __iter__(self):
+        return iter(self._stream)
+
+
+def _sized_reads(inner):
+    def wrapped(environ, start_response):
+        environ["wsgi.input"] = _SizedReads(environ["wsgi.input"])
+        return inner(environ, start_response)
+
+    return wrapped
+
+
+validated_app = validator(_sized_reads(app))

@@ -90,8 +90,9 @@ def application(environ, start_response):
         f = tempfile.TemporaryFile()  # noqa: SIM115 (the file wrapper closes it)
         f.write(b"f" * size)
         f.seek(0)
-        start_response("200 OK", [("Content-Type", "application/octet-stream"),
-                                  ("Content-Length", str(size))])
+        start_response(
+            "200 OK", [("Content-Type", "application/octet-stream"), ("Content-Length", str(size))]
+        )
         return environ["wsgi.file_wrapper"](f, 65536)
     if path == "/error":
         raise RuntimeError("boom before start_response")
