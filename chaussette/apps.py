@@ -5,7 +5,10 @@ Accepted specs, tried in this order:
 ``paste:path/to/file.ini[#name]``
     PasteDeploy's ``loadapp`` (the ``main`` app unless ``#name``).
 ``path/to/file.py`` / ``app.wsgi`` (optionally ``:obj``)
-    The file is run as a module; then as for a module below.
+    The file is compiled from its source (no bytecode cache) and run as a module; then as
+    for a module below. Only the part before the first ``:`` decides whether the spec is
+    a file; a bare ``name.wsgi`` that does not exist is tried as a module (Django's
+    ``mysite.wsgi``).
 ``pkg.mod:obj``, ``pkg.mod:obj.attr``
     That object.
 ``pkg.mod:factory()`` / ``pkg.mod:factory('x', debug=True)``
@@ -18,9 +21,11 @@ Accepted specs, tried in this order:
     with ``get_wsgi_application()``; a Django project package with a ``wsgi`` submodule
     is served from that.
 
-An exception raised by the user's own code (including an ImportError inside their module)
-is not rewritten: it travels in ``AppLoadError.user_exc`` so that its traceback is shown.
-Our own message says which step failed.
+An exception raised by the user's own code (including an ImportError inside their module,
+or a ``sys.exit()`` while it loads) is not rewritten: it travels in ``AppLoadError.user_exc``
+so that its traceback is shown. Our own message says which step failed: which part of a
+dotted path did import, which attribute is missing, what the object is when it is not
+callable, the factory's signature when the arguments do not fit.
 """
 
 from __future__ import annotations

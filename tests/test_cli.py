@@ -22,8 +22,8 @@ import pytest
 
 from chaussette import __version__
 from chaussette.backends import registry
-from chaussette.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE
-from chaussette.settings import OPTIONS
+from chaussette.errors import EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, UsageError
+from chaussette.settings import OPTIONS, check, parse_args
 from tests.conftest import (
     ROOT,
     ROUTES_APP,
@@ -509,58 +509,42 @@ def test_bad_combination_is_refused_before_anything_starts(refused, args, hold_p
     assert not Path(UNIX[len("unix:") :]).exists()
 
 
-def _capable(what: str, able: bool) -> list[registry.BackendInfo]:
-    return [b for b in registry.BACKENDS if getattr(b, what) is able]
+# A backend lacking every optional capability, added to the real registry for these tests:
+# the check under test is settings.check(), which reads capabilities from the registry.
+# (Process-level refusals are covered above; these need a backend without the capability.)
+LIMITED = registry.BackendInfo(
+    "limited", "http", "tests.nowhere:Server", "test-only backend", unix=False, threads=False
+)
 
 
-@pytest.mark.parametrize("info", _capable("threads", False), ids=lambda b: f"{b.protocol}-{b.name}")
-def test_threads_refused_by_a_backend_without_threads(refused, info):
-    line = refused(
-        "--protocol",
-        info.protocol,
-        "--backend",
-        info.name,
-        "--threads",
-        "4",
-        ROUTES_APP,
-        hold_port=True,
-    )
-    assert "--threads" in line and f"--backend {info.name}" in line
+def _limited_and_real(what: str) -> list[registry.BackendInfo]:
+    return [LIMITED, *(b for b in registry.BACKENDS if getattr(b, what) is False)]
 
 
-@pytest.mark.parametrize("info", _capable("pool", False), ids=lambda b: f"{b.protocol}-{b.name}")
-def test_spawn_refused_by_a_backend_without_a_pool(refused, info):
-    line = refused(
-        "--protocol",
-        info.protocol,
-        "--backend",
-        info.name,
-        "--spawn",
-        "4",
-        ROUTES_APP,
-        hold_port=True,
-    )
-    assert "--spawn" in line and f"--backend {info.name}" in line
+@pytest.fixture
+def with_limited(monkeypatch):
+    monkeypatch.setattr(registry, "BACKENDS", (*registry.BACKENDS, LIMITED))
 
 
-@pytest.mark.parametrize("info", _capable("monkey", False), ids=lambda b: f"{b.protocol}-{b.name}")
-def test_no_monkey_refused_by_a_backend_that_never_patches(refused, info):
-    line = refused(
-        "--protocol",
-        info.protocol,
-        "--backend",
-        info.name,
-        "--no-monkey",
-        ROUTES_APP,
-        hold_port=True,
-    )
-    assert "--no-monkey" in line and f"--backend {info.name}" in line
+CAPABILITY_CASES = [
+    ("threads", ["--threads", "4"], "--threads"),
+    ("pool", ["--spawn", "4"], "--spawn"),
+    ("monkey", ["--no-monkey"], "--no-monkey"),
+    ("unix", ["--host", UNIX], "--host unix:"),
+]
 
 
-@pytest.mark.parametrize("info", _capable("unix", False), ids=lambda b: f"{b.protocol}-{b.name}")
-def test_unix_socket_refused_by_a_backend_that_cannot_serve_one(refused, info):
-    line = refused("--protocol", info.protocol, "--backend", info.name, "--host", UNIX, ROUTES_APP)
-    assert f"--backend {info.name}" in line and "--host unix:" in line
+@pytest.mark.parametrize(
+    ("what", "args", "flag"), CAPABILITY_CASES, ids=[c[0] for c in CAPABILITY_CASES]
+)
+def test_capability_refused_naming_both_options(with_limited, what, args, flag):
+    for info in _limited_and_real(what):
+        settings = parse_args(["--protocol", info.protocol, "--backend", info.name, *args])
+        with pytest.raises(UsageError) as caught:
+            check(settings)
+        message = str(caught.value)
+        assert flag in message and f"--backend {info.name}" in message, message
+        assert "\n" not in message
 
 
 def test_console_script_is_the_same_front_door(tmp_path):
