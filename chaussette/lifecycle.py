@@ -10,13 +10,14 @@ Signal handlers only record the signal (and wake the main loop through a pipe se
 - SIGHUP (and the reloader): drain like SIGTERM but keep the socket, then re-exec this same
   command line with the listening socket handed over, so the pid stays and no connection is
   refused: while we drain and restart, new connections wait in the listen queue. The handled
-  signals are blocked across the ``execve()`` and unblocked once the new image records them,
-  so a signal sent while it starts is neither lost nor fatal.
+  signals are blocked across the ``execve()`` and unblocked as soon as the new image records
+  them (when this module is imported, before the app is), so a signal sent while it starts is
+  neither lost nor fatal. If ``execve()`` fails, the process stops (exit 1).
 - SIGUSR1: reopen log files.
 
-During any drain a SIGINT (the second Ctrl-C) or a SIGQUIT exits at once; a SIGTERM or SIGINT
-while a restart drains turns the restart into a stop. Exiting at once still removes a unix
-socket file we created, but skips --post-hook.
+While a stop drains, a SIGINT (the second Ctrl-C) or a SIGQUIT exits at once. While a restart
+drains, a SIGQUIT exits at once and a SIGTERM or SIGINT turns the restart into a stop.
+Exiting at once still removes a unix socket file we created, but skips --post-hook.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from chaussette import logs, systemd
 from chaussette.errors import EXIT_OK, EXIT_RUNTIME, MissingDependency
-from chaussette.sockets import REEXEC_PID
+from chaussette.sockets import REEXEC_FD, REEXEC_OWNED, REEXEC_PID
 
 if TYPE_CHECKING:
     from chaussette.backends.base import Server
@@ -257,8 +258,10 @@ def reexec(server: Server, listener: Listener, signals: Signals) -> int | None:
     try:
         os.execv(sys.executable, argv)
     except OSError as exc:
+        for name in (REEXEC_FD, REEXEC_PID, REEXEC_OWNED):
+            os.environ.pop(name, None)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-        log.error("re-exec of %s failed: %s; stopping", sys.executable, exc)
+        log.error("re-exec of %s failed: %s; stopping", sys.executable, exc.strerror or exc)
         return EXIT_RUNTIME
 
 
@@ -285,6 +288,9 @@ def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) 
         raise MissingDependency("--use-reloader", "watchfiles", "reload") from None
 
     paths = reloader_paths(settings)
+    if not paths:
+        log.warning("reloader: nothing to watch (working directory /, no --python-path)")
+        return
 
     def run() -> None:
         for changes in watch(

@@ -372,6 +372,21 @@ def test_sighup_same_size_edit_of_file_app(procs, tmp_path):
     assert http_request(address, "/").body.startswith(b"BBBB ")
 
 
+def test_failed_reexec_stops_cleanly(procs, tmp_path, short_tmp):
+    # run through a link to the interpreter, then remove it: execve() of sys.executable fails
+    python = tmp_path / "python"
+    python.symlink_to(sys.executable)
+    path = short_tmp / "x.sock"
+    proc = procs.start([str(python), "-m", "chaussette", "--host", f"unix:{path}", LIFE_APP])
+    wait_http(str(path), proc)
+    python.unlink()
+    assert wait_exit_after(proc, signal.SIGHUP) == 1
+    out = proc.output()
+    assert f"re-exec of {python} failed: No such file or directory; stopping" in out
+    assert "stopped (exit 1)" in out
+    assert not path.exists()
+
+
 # -- log files --
 
 
@@ -547,3 +562,22 @@ def test_reloader_with_broken_watchfiles_says_what_to_install(procs, tmp_path):
     with socket.socket() as s:  # the socket was closed
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+def test_reloader_paths(tmp_path, monkeypatch):
+    from chaussette.lifecycle import reloader_paths
+    from chaussette.settings import Settings
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path / "src")
+    paste = Settings(app=f"paste:{tmp_path}/conf/app.ini#main", python_path=["../lib", "gone"])
+    assert reloader_paths(paste) == [
+        str(tmp_path / "src"),
+        str(tmp_path / "lib"),
+        str(tmp_path / "conf"),
+    ]
+    monkeypatch.chdir("/")  # a service started in /: never watch the whole filesystem
+    assert reloader_paths(Settings(app=f"{tmp_path}/conf/wsgi.py")) == [str(tmp_path / "conf")]
+    assert reloader_paths(Settings(app="pkg.mod:app")) == []
