@@ -23,6 +23,7 @@ Exiting at once still removes a unix socket file we created, but skips --post-ho
 from __future__ import annotations
 
 import collections
+import importlib.util
 import logging
 import os
 import select
@@ -280,6 +281,19 @@ def reloader_paths(settings: Settings) -> list[str]:
     return [p for p in dict.fromkeys(absolute) if os.path.isdir(p)]
 
 
+def forget_bytecode(paths: Iterable[str]) -> None:
+    """Remove the cached bytecode of changed sources. A .pyc is trusted when the source's
+    mtime (whole seconds) and size match, so an edit of the same size within the same second
+    would otherwise bring back the old code after the restart."""
+    for path in paths:
+        if not path.endswith(".py"):
+            continue
+        try:
+            os.unlink(importlib.util.cache_from_source(path))
+        except (OSError, ValueError, NotImplementedError):
+            pass
+
+
 def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) -> None:
     """Watch Python files; on the first change, ask the main loop to restart in place."""
     try:
@@ -298,6 +312,7 @@ def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) 
         ):
             changed = sorted({path for _, path in changes})
             log.info("reloader: %s changed", ", ".join(changed[:3]))
+            forget_bytecode(changed)
             signals.post(RELOAD)
             return
 

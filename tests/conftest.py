@@ -55,12 +55,40 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.pop("CHAUSSETTE_REQUIRE_PEERS", None)
+    # A user's Python caches bytecode; so must the processes under test (stale-.pyc bugs
+    # only show then), whatever the shell running the tests says.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     for key in list(env):
         if key.startswith("CHAUSSETTE_") or key.startswith("LISTEN_") or key == "NOTIFY_SOCKET":
             env.pop(key)
     if extra:
         env.update(extra)
     return env
+
+
+def run_chaussette(
+    *args: str, env: dict[str, str] | None = None, cwd: str | Path = ROOT, timeout: float = 60
+) -> tuple[int, str]:
+    """Run chaussette to its end (it must not serve); exit code and all its output."""
+    done = subprocess.run(
+        chaussette_cmd(*args),
+        cwd=str(cwd),
+        env=child_env(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+    )
+    return done.returncode, done.stdout.decode(errors="replace")
+
+
+def error_line(output: str) -> str:
+    """The one ``chaussette: error:`` line, which must also be the last line of output."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("chaussette: error:")]
+    assert len(errors) == 1, output
+    assert lines[-1] == errors[0], output
+    return errors[0]
 
 
 class Proc:

@@ -5,7 +5,6 @@ An exception raised inside the user's own code also shows the user's traceback."
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from chaussette.errors import EXIT_APP, AppLoadError
 from tests.conftest import (
     ROOT,
     TESTS,
-    chaussette_cmd,
     child_env,
+    error_line,
     free_port,
     http_request,
+    run_chaussette,
     wait_http,
 )
 
@@ -39,25 +39,7 @@ def serve_body(procs, *args: str, cwd: Path = ROOT, env: dict[str, str] | None =
 
 def run_failing(*args: str, cwd: Path = ROOT) -> tuple[int, str]:
     """Run chaussette to its end (it must not serve); exit code and all its output."""
-    done = subprocess.run(
-        chaussette_cmd("--port", "0", *args),
-        cwd=cwd,
-        env=child_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=60,
-    )
-    return done.returncode, done.stdout.decode(errors="replace")
-
-
-def error_line(output: str) -> str:
-    """The one ``chaussette: error:`` line, which must also be the last line."""
-    lines = [line for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("chaussette: error:")]
-    assert len(errors) == 1, output
-    assert lines[-1] == errors[0], output
-    return errors[0]
+    return run_chaussette("--port", "0", *args, cwd=cwd)
 
 
 def line_of(path: Path, marker: str) -> int:
