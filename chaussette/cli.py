@@ -97,6 +97,7 @@ def start(settings: Settings) -> int:
         raise MissingDependency("--use-reloader", "watchfiles", "reload")
     info = registry.lookup(settings.protocol, settings.backend)
     server_class = info.load()
+    server_class.prepare(settings)  # before the app is imported: monkey-patching
     apps.add_python_path(settings.python_path)
     pre_hook = load_hook(settings, "pre_hook")
     if pre_hook is not None:

@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NoReturn
 
 from chaussette import logs, systemd
@@ -62,6 +62,9 @@ class Signals:
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
         self._closed = False
+        # How the main thread blocks on the wake-up pipe; a greenlet backend swaps in a
+        # cooperative wait (Server.wait_readable) so that its hub keeps running.
+        self.wait_readable: Callable[[int, float | None], None] = _select_readable
 
     @property
     def installed(self) -> bool:
@@ -96,13 +99,17 @@ class Signals:
 
     def wait(self, timeout: float | None) -> int | str | None:
         if not self.pending:
-            select.select([self._r], [], [], timeout)
+            self.wait_readable(self._r, timeout)
             try:
                 while os.read(self._r, 512):
                     pass
             except BlockingIOError:
                 pass
         return self.pending.popleft() if self.pending else None
+
+
+def _select_readable(fd: int, timeout: float | None) -> None:
+    select.select([fd], [], [], timeout)
 
 
 def _early_signals() -> Signals | None:
@@ -132,6 +139,7 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
     signals, _early = _early or Signals(), None
     if not signals.installed:
         signals.install()
+    signals.wait_readable = server.wait_readable
     # Signals a manager may have left blocked are ours to handle (a re-exec'd image has
     # unblocked them already, at import).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import select
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,9 +13,20 @@ if TYPE_CHECKING:
 
 
 class Server(abc.ABC):
-    """A backend adapter. The lifecycle calls, in order: ``start`` (serve in the background
-    and return), then on a stop ``stop_accepting``, ``wait_idle`` until in-flight work is
-    done or the graceful timeout passes, and ``close``."""
+    """A backend adapter.
+
+    The launcher calls ``prepare`` (class method) before the app is imported — the place to
+    monkey-patch. The lifecycle then calls, in order: ``start`` (serve in the background and
+    return), then on a stop ``stop_accepting``, ``wait_idle`` until in-flight work is done
+    or the graceful timeout passes, and ``close``. Meanwhile the main thread waits for
+    signals with ``wait_readable``: a greenlet backend makes that wait cooperative so its
+    hub keeps serving.
+    """
+
+    @classmethod
+    def prepare(cls, settings: Settings) -> None:
+        """Runs before the application is imported (e.g. gevent monkey-patching)."""
+        return
 
     def __init__(self, app: WSGIApp, listener: Listener, settings: Settings) -> None:
         self.app = app
@@ -37,6 +49,10 @@ class Server(abc.ABC):
     @abc.abstractmethod
     def in_flight(self) -> int:
         """Requests (or connections) being served now."""
+
+    def wait_readable(self, fd: int, timeout: float | None) -> None:
+        """Block the main thread until ``fd`` is readable or ``timeout`` passes."""
+        select.select([fd], [], [], timeout)
 
     def close(self) -> None:  # noqa: B027 (optional hook: most adapters hold nothing)
         """Release what the adapter holds. Unfinished requests are abandoned."""

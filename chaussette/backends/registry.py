@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 from chaussette.errors import MissingDependency, UsageError
@@ -33,6 +34,7 @@ class BackendInfo:
     pool: bool = False  # honours --spawn
     monkey: bool = False  # monkey-patches unless --no-monkey
     websocket: bool = False
+    keepalive: bool = True  # serves several requests on one connection
 
     def missing(self) -> list[str]:
         return [mod for mod in self.requires if importlib.util.find_spec(mod) is None]
@@ -50,27 +52,162 @@ class BackendInfo:
         return server_class
 
 
+def _http(name: str, adapter: str, summary: str, **kw: object) -> BackendInfo:
+    return BackendInfo(name, "http", f"chaussette.backends.{adapter}", summary, **kw)  # type: ignore[arg-type]
+
+
+# The built-in backends. Capabilities are declared here, next to nothing that imports the
+# library, so that --backends and the option checks work whether or not it is installed.
 BACKENDS: tuple[BackendInfo, ...] = (
-    BackendInfo(
+    _http(
         "wsgiref",
-        "http",
-        "chaussette.backends.wsgiref:WSGIRefServer",
+        "wsgiref:WSGIRefServer",
         "stdlib only: a bounded thread per request, no keep-alive",
         threads=True,
+        keepalive=False,
+    ),
+    _http(
+        "waitress",
+        "waitress:WaitressServer",
+        "waitress: a thread pool (--threads)",
+        requires=("waitress",),
+        extra="waitress",
+        threads=True,
+    ),
+    _http(
+        "gevent",
+        "gevent:GeventServer",
+        "gevent pywsgi, a greenlet pool (--spawn)",
+        requires=("gevent",),
+        extra="gevent",
+        pool=True,
+        monkey=True,
+    ),
+    _http(
+        "fastgevent",
+        "gevent:FastGeventServer",
+        "gevent StreamServer with chaussette's own HTTP/1.1 handler, a greenlet pool",
+        requires=("gevent",),
+        extra="gevent",
+        pool=True,
+        monkey=True,
+    ),
+    _http(
+        "meinheld",
+        "meinheld:MeinheldServer",
+        "meinheld (C, greenlets), built with chaussette's greenlet-3 fix",
+        requires=("meinheld", "greenlet"),
+        extra="meinheld",
+    ),
+    _http(
+        "eventlet",
+        "eventlet:EventletServer",
+        "eventlet.wsgi, a green pool (--spawn)",
+        requires=("eventlet",),
+        extra="eventlet",
+        pool=True,
+        monkey=True,
+    ),
+    _http(
+        "tornado",
+        "tornado:TornadoServer",
+        "tornado HTTPServer + WSGIContainer, the app in a thread pool (--threads)",
+        requires=("tornado",),
+        extra="tornado",
+        threads=True,
+    ),
+    _http(
+        "bjoern",
+        "bjoern:BjoernServer",
+        "bjoern (C, libev), one request at a time",
+        requires=("bjoern",),
+        extra="bjoern",
+        drain=False,
+    ),
+    _http(
+        "geventwebsocket",
+        "gevent_ws:GeventWebSocketServer",
+        "gevent pywsgi + gevent-websocket: environ['wsgi.websocket']",
+        requires=("gevent", "geventwebsocket"),
+        extra="websocket",
+        pool=True,
+        monkey=True,
+        websocket=True,
+    ),
+    _http(
+        "geventws4py",
+        "gevent_ws:GeventWS4PyServer",
+        "gevent pywsgi + ws4py: environ['ws4py.websocket']",
+        requires=("gevent", "ws4py"),
+        extra="ws4py",
+        pool=True,
+        monkey=True,
+        websocket=True,
+    ),
+    _http(
+        "socketio",
+        "gevent_ws:SocketIOServer",
+        "python-socketio on gevent pywsgi + gevent-websocket",
+        requires=("gevent", "geventwebsocket", "socketio"),
+        extra="socketio",
+        pool=True,
+        monkey=True,
+        websocket=True,
     ),
 )
 
-PROTOCOLS: tuple[str, ...] = tuple(dict.fromkeys(b.protocol for b in BACKENDS))
+ENTRY_POINT_GROUP = "chaussette.backends"
+_plugins: tuple[BackendInfo, ...] | None = None
+_plugin_errors: dict[str, str] = {}
+
+
+def plugins() -> tuple[BackendInfo, ...]:
+    """Backends other packages declare in the ``chaussette.backends`` entry point group.
+
+    Each entry point names a ``BackendInfo``. One that cannot be loaded is remembered with
+    its error, shown by ``--backends`` and given to whoever asks for it by name.
+    """
+    global _plugins
+    if _plugins is None:
+        found: list[BackendInfo] = []
+        builtin = {(b.protocol, b.name) for b in BACKENDS}
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                info = ep.load()
+            except Exception as exc:  # a broken plugin must not break every launch
+                _plugin_errors[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
+                continue
+            if not isinstance(info, BackendInfo):
+                _plugin_errors[ep.name] = f"{ep.value} is not a chaussette BackendInfo"
+            elif (info.protocol, info.name) in builtin:
+                _plugin_errors[ep.name] = f"{ep.value}: the name {info.name!r} is built in"
+            else:
+                found.append(info)
+        _plugins = tuple(found)
+    return _plugins
+
+
+def all_backends() -> tuple[BackendInfo, ...]:
+    return (*BACKENDS, *plugins())
+
+
+def protocols() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(b.protocol for b in all_backends()))
 
 
 def lookup(protocol: str, backend: str) -> BackendInfo:
-    if protocol not in PROTOCOLS:
-        raise UsageError(f"--protocol {protocol}: unknown; choose from {', '.join(PROTOCOLS)}")
-    for info in BACKENDS:
+    known = all_backends()
+    if protocol not in protocols():
+        raise UsageError(f"--protocol {protocol}: unknown; choose from {', '.join(protocols())}")
+    for info in known:
         if info.protocol == protocol and info.name == backend:
             return info
-    names = ", ".join(b.name for b in BACKENDS if b.protocol == protocol)
-    other = [b.protocol for b in BACKENDS if b.name == backend]
+    if backend in _plugin_errors:
+        raise UsageError(
+            f"--backend {backend}: its plugin failed to load: {_plugin_errors[backend]}"
+        )
+    names = ", ".join(b.name for b in known if b.protocol == protocol)
+    other = [b.protocol for b in known if b.name == backend]
     if other:
         raise UsageError(
             f"--backend {backend} does not speak --protocol {protocol}; "
@@ -79,19 +216,42 @@ def lookup(protocol: str, backend: str) -> BackendInfo:
     raise UsageError(f"--backend {backend}: unknown for --protocol {protocol}; choose from {names}")
 
 
+def capabilities(b: BackendInfo) -> str:
+    """What a backend can do, in the words of the options that use it."""
+    can = []
+    if b.unix:
+        can.append("unix")
+    if b.drain:
+        can.append("drain")
+    if b.threads:
+        can.append("--threads")
+    if b.pool:
+        can.append("--spawn")
+    if b.monkey:
+        can.append("monkey")
+    if b.websocket:
+        can.append("websocket")
+    if not b.keepalive:
+        can.append("no-keepalive")
+    return ",".join(can) or "-"
+
+
+def install_hint(b: BackendInfo) -> str:
+    return f"pip install 'chaussette[{b.extra}]'" if b.extra else "(stdlib)"
+
+
 def table() -> str:
-    """The ``--backends`` table: every pair, installed or not."""
-    rows = [("protocol", "backend", "installed", "unix", "drain", "install", "what it is")]
-    for b in BACKENDS:
+    """The ``--backends`` table: every pair, installed or not, and what each can do."""
+    rows = [("protocol", "backend", "installed", "can", "install", "what it is")]
+    for b in all_backends():
         missing = b.missing()
         rows.append(
             (
                 b.protocol,
                 b.name,
                 "yes" if not missing else f"no ({', '.join(missing)})",
-                "yes" if b.unix else "no",
-                "yes" if b.drain else "no",
-                f"pip install 'chaussette[{b.extra}]'" if b.extra else "(stdlib)",
+                capabilities(b),
+                install_hint(b),
                 b.summary,
             )
         )
@@ -100,4 +260,12 @@ def table() -> str:
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]
         lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    lines.append(
+        "can: unix = serves unix sockets; drain = finishes in-flight requests on "
+        "SIGTERM/SIGHUP; --threads/--spawn = sized by that option; monkey = "
+        "monkey-patches unless --no-monkey; websocket = serves websockets"
+    )
+    for name, error in sorted(_plugin_errors.items()):
+        lines.append(f"plugin {name!r} not loaded: {error}")
     return "\n".join(lines)
