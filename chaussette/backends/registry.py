@@ -66,6 +66,10 @@ BACKENDS: tuple[BackendInfo, ...] = (
         threads=True,
         keepalive=False,
     ),
+)
+
+# Declared, adapter being written: an entry moves up into BACKENDS with its adapter.
+_PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "waitress",
         "waitress:WaitressServer",
