@@ -31,8 +31,9 @@ class SocketError(UsageError):
 class MissingDependency(UsageError):
     """An optional library the chosen feature needs is not installed."""
 
-    def __init__(self, what: str, module: str, extra: str) -> None:
-        super().__init__(f"{what} needs {module}: pip install 'chaussette[{extra}]'")
+    def __init__(self, what: str, module: str, extra: str, install: str | None = None) -> None:
+        hint = install or f"pip install 'chaussette[{extra}]'"
+        super().__init__(f"{what} needs {module}: {hint}")
         self.module = module
         self.extra = extra
 

@@ -22,6 +22,7 @@ Exiting at once still removes a unix socket file we created, but skips --post-ho
 
 from __future__ import annotations
 
+import _thread
 import collections
 import importlib.util
 import logging
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("chaussette")
 
 RELOAD = "reload"  # posted by the reloader thread
+# Captured before any backend monkey-patches: the signal pipe is non-blocking and must stay
+# so (eventlet's green os.read waits on an empty pipe instead of raising BlockingIOError),
+# and the reloader must be a real OS thread (a greenlet would block the hub).
+_start_os_thread = _thread.start_new_thread
+_os_read = os.read
+_os_write = os.write
 HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1)
 STOP = (signal.SIGTERM, signal.SIGINT)
 POLL = 0.1  # seconds between two looks at the signals while draining
@@ -65,6 +72,7 @@ class Signals:
         # How the main thread blocks on the wake-up pipe; a greenlet backend swaps in a
         # cooperative wait (Server.wait_readable) so that its hub keeps running.
         self.wait_readable: Callable[[int, float | None], None] = _select_readable
+        self.changed: list[str] = []  # files the reloader saw change, for the log
 
     @property
     def installed(self) -> bool:
@@ -93,7 +101,7 @@ class Signals:
         if self._closed:
             return
         try:
-            os.write(self._w, b"\0")
+            _os_write(self._w, b"\0")
         except OSError:
             pass
 
@@ -101,7 +109,7 @@ class Signals:
         if not self.pending:
             self.wait_readable(self._r, timeout)
             try:
-                while os.read(self._r, 512):
+                while _os_read(self._r, 512):
                     pass
             except BlockingIOError:
                 pass
@@ -143,10 +151,10 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
     # Signals a manager may have left blocked are ours to handle (a re-exec'd image has
     # unblocked them already, at import).
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
-    stop_watching = threading.Event()
+    watcher = None
     try:
         if settings.use_reloader:
-            start_reloader(settings, signals, stop_watching)
+            watcher = start_reloader(settings, signals)
         server.start()
         systemd.notify("READY=1")
         while True:
@@ -162,6 +170,8 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
                 log.info("SIGQUIT: exiting now, %d request(s) in flight", server.in_flight())
                 _exit_now(server, listener)
             if event in (signal.SIGHUP, RELOAD):
+                if event == RELOAD:
+                    log.info("reloader: %s changed", ", ".join(signals.changed))
                 log.info(
                     "%s: restarting in place (graceful timeout %ss)",
                     _name(event),
@@ -171,7 +181,8 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
                 code, stop = drain(
                     server, listener, signals, settings.graceful_timeout, restarting=True
                 )
-                stop_watching.set()
+                if watcher is not None:
+                    watcher.set()
                 if not stop:
                     failed = reexec(server, listener, signals)  # returns only if it did not
                     code = code if failed is None else failed
@@ -181,7 +192,8 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
                 count = logs.reopen()
                 log.info("SIGUSR1: reopened %d log file(s)", count)
     finally:
-        stop_watching.set()
+        if watcher is not None:
+            watcher.set()
         signals.restore()
 
 
@@ -302,8 +314,28 @@ def forget_bytecode(paths: Iterable[str]) -> None:
             pass
 
 
-def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) -> None:
-    """Watch Python files; on the first change, ask the main loop to restart in place."""
+class _Flag:
+    """A stop flag for the watcher thread: a plain bool, no lock (a monkey-patched
+    threading.Event must not be touched from a real OS thread)."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        self.value = True
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+def start_reloader(settings: Settings, signals: Signals) -> _Flag | None:
+    """Watch Python files; on the first change, ask the main loop to restart in place.
+
+    The watcher blocks in native code, so it runs on a real OS thread started with the
+    ``_thread`` function captured when this module was imported, before any backend
+    monkey-patched threading: a greenlet "thread" would block the whole hub. It touches no
+    lock and no logger; it records what changed and wakes the main loop, which logs.
+    """
     try:
         from watchfiles import PythonFilter, watch
     except ImportError:
@@ -312,17 +344,19 @@ def start_reloader(settings: Settings, signals: Signals, stop: threading.Event) 
     paths = reloader_paths(settings)
     if not paths:
         log.warning("reloader: nothing to watch (working directory /, no --python-path)")
-        return
+        return None
+    flag = _Flag()
 
     def run() -> None:
         for changes in watch(
-            *paths, watch_filter=PythonFilter(), stop_event=stop, raise_interrupt=False
+            *paths, watch_filter=PythonFilter(), stop_event=flag, raise_interrupt=False
         ):
             changed = sorted({path for _, path in changes})
-            log.info("reloader: %s changed", ", ".join(changed[:3]))
             forget_bytecode(changed)
+            signals.changed = changed
             signals.post(RELOAD)
             return
 
-    threading.Thread(target=run, name="chaussette-reloader", daemon=True).start()
+    _start_os_thread(run, ())
     log.info("reloader watching %s", ", ".join(paths))
+    return flag

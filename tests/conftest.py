@@ -40,6 +40,18 @@ def require_peer(program: str, package: str) -> str:
     return path
 
 
+def require_module(name: str, install: str) -> None:
+    """An optional library a test needs (built with system packages, like bjoern): skip
+    naming how to install it, or fail under CHAUSSETTE_REQUIRE_PEERS=1."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        message = f"{name} is not installed: {install}"
+        if REQUIRE_PEERS:
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+
+
 def free_port(family: int = socket.AF_INET) -> int:
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
     with socket.socket(family, socket.SOCK_STREAM) as s:

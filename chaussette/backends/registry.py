@@ -28,6 +28,7 @@ class BackendInfo:
     summary: str
     requires: tuple[str, ...] = ()  # importable modules the library needs
     extra: str | None = None  # pip install 'chaussette[extra]'
+    install: str | None = None  # how to install, when the extra alone is not enough
     unix: bool = True  # can serve a unix socket
     drain: bool = True  # finishes in-flight requests on SIGTERM
     threads: bool = False  # honours --threads
@@ -35,6 +36,8 @@ class BackendInfo:
     monkey: bool = False  # monkey-patches unless --no-monkey
     websocket: bool = False
     keepalive: bool = True  # serves several requests on one connection
+    chunked_input: bool = True  # decodes chunked request bodies
+    repeated_headers: bool = True  # joins a repeated request header's values
 
     def missing(self) -> list[str]:
         return [mod for mod in self.requires if importlib.util.find_spec(mod) is None]
@@ -45,7 +48,9 @@ class BackendInfo:
     def load(self) -> type[Server]:
         missing = self.missing()
         if missing:
-            raise MissingDependency(f"backend {self.name!r}", missing[0], self.extra or self.name)
+            raise MissingDependency(
+                f"backend {self.name!r}", missing[0], self.extra or self.name, self.install
+            )
         module_name, _, attr = self.target.partition(":")
         module = importlib.import_module(module_name)
         server_class: type[Server] = getattr(module, attr)
@@ -66,10 +71,6 @@ BACKENDS: tuple[BackendInfo, ...] = (
         threads=True,
         keepalive=False,
     ),
-)
-
-# Declared, adapter being written: an entry moves up into BACKENDS with its adapter.
-_PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "waitress",
         "waitress:WaitressServer",
@@ -81,7 +82,7 @@ _PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "gevent",
         "gevent:GeventServer",
-        "gevent pywsgi, a greenlet pool (--spawn)",
+        "gevent pywsgi, a greenlet pool (--spawn), TCP_NODELAY",
         requires=("gevent",),
         extra="gevent",
         pool=True,
@@ -90,7 +91,8 @@ _PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "fastgevent",
         "gevent:FastGeventServer",
-        "gevent StreamServer with chaussette's own HTTP/1.1 handler, a greenlet pool",
+        "gevent StreamServer + chaussette's own HTTP/1.1 and WSGI host (keep-alive, "
+        "sendfile), a greenlet pool (--spawn): ~1.2x gevent on hello; no websocket",
         requires=("gevent",),
         extra="gevent",
         pool=True,
@@ -99,9 +101,13 @@ _PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "meinheld",
         "meinheld:MeinheldServer",
-        "meinheld (C, greenlets), built with chaussette's greenlet-3 fix",
+        "meinheld (C, greenlets) in chaussette's build for greenlet 3: "
+        "python -m chaussette.backends.meinheld_build",
         requires=("meinheld", "greenlet"),
         extra="meinheld",
+        install=(
+            "pip install 'chaussette[meinheld]' && python -m chaussette.backends.meinheld_build"
+        ),
     ),
     _http(
         "eventlet",
@@ -115,7 +121,7 @@ _PLANNED: tuple[BackendInfo, ...] = (
     _http(
         "tornado",
         "tornado:TornadoServer",
-        "tornado HTTPServer + WSGIContainer, the app in a thread pool (--threads)",
+        "tornado HTTPServer, the app in a thread pool (--threads), responses streamed",
         requires=("tornado",),
         extra="tornado",
         threads=True,
@@ -126,7 +132,11 @@ _PLANNED: tuple[BackendInfo, ...] = (
         "bjoern (C, libev), one request at a time",
         requires=("bjoern",),
         extra="bjoern",
+        install="apt-get install libev-dev && pip install 'chaussette[bjoern]'",
         drain=False,
+        # bjoern 3.2 glues a repeated header's values together in C, with no separator
+        # ("X: a" + "X: b" -> "ab"), before any Python code sees the environ
+        repeated_headers=False,
     ),
     _http(
         "geventwebsocket",
@@ -159,6 +169,7 @@ _PLANNED: tuple[BackendInfo, ...] = (
         websocket=True,
     ),
 )
+
 
 ENTRY_POINT_GROUP = "chaussette.backends"
 _plugins: tuple[BackendInfo, ...] | None = None
@@ -237,10 +248,16 @@ def capabilities(b: BackendInfo) -> str:
         can.append("websocket")
     if not b.keepalive:
         can.append("no-keepalive")
+    if not b.chunked_input:
+        can.append("no-chunked-input")
+    if not b.repeated_headers:
+        can.append("mixes-repeated-headers")
     return ",".join(can) or "-"
 
 
 def install_hint(b: BackendInfo) -> str:
+    if b.install:
+        return b.install
     return f"pip install 'chaussette[{b.extra}]'" if b.extra else "(stdlib)"
 
 
@@ -268,7 +285,10 @@ def table() -> str:
     lines.append(
         "can: unix = serves unix sockets; drain = finishes in-flight requests on "
         "SIGTERM/SIGHUP; --threads/--spawn = sized by that option; monkey = "
-        "monkey-patches unless --no-monkey; websocket = serves websockets"
+        "monkey-patches unless --no-monkey; websocket = serves websockets; "
+        "no-keepalive = one request per connection; no-chunked-input = refuses chunked "
+        "request bodies; mixes-repeated-headers = joins a repeated request header's values "
+        "without a separator"
     )
     for name, error in sorted(_plugin_errors.items()):
         lines.append(f"plugin {name!r} not loaded: {error}")

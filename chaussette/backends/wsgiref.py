@@ -26,13 +26,17 @@ import socket
 import threading
 import time
 from email.utils import formatdate
-from typing import Any, BinaryIO, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 from urllib.parse import unquote_to_bytes
 from wsgiref.util import FileWrapper
 
 from chaussette import __version__
 from chaussette.backends.base import Server
 from chaussette.wsgi import BodyReader, BodyTruncated, ErrorStream, Response
+
+if TYPE_CHECKING:
+    from chaussette.settings import Settings
+    from chaussette.sockets import Listener
 
 log = logging.getLogger("chaussette")
 access = logging.getLogger("chaussette.access")
@@ -52,6 +56,10 @@ _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 )
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+# the same sets as bytes, for checks done in C: ``not data.translate(None, ALLOWED)``
+_METHOD_BYTES = bytes(sorted(_METHOD_CHARS))
+_TOKEN_BYTES = bytes(sorted(_TOKEN_CHARS))
+_TARGET_FORBIDDEN = bytes(range(0x21)) + b"\x7f"  # controls, space, DEL
 _MAX_EMPTY_LINES = 8  # CRLFs tolerated before a request line
 _SMALL_WRITE = 65536  # pieces up to this size are joined into one send
 
@@ -97,13 +105,13 @@ def read_head(rfile: LineReader, max_line: int, max_headers: int) -> Request | N
     if len(parts) != 3:
         raise BadRequest(400, "malformed request line")
     method, target, version = parts
-    if not method or not set(method) <= _METHOD_CHARS:
+    if not method or method.translate(None, _METHOD_BYTES):
         raise BadRequest(400, "malformed method")
     if version not in (b"HTTP/1.0", b"HTTP/1.1"):
         if version.startswith(b"HTTP/"):
             raise BadRequest(505, "only HTTP/1.0 and HTTP/1.1 are served")
         raise BadRequest(400, "malformed HTTP version")
-    if not target or any(c <= 0x20 or c == 0x7F for c in target):
+    if not target or len(target.translate(None, _TARGET_FORBIDDEN)) != len(target):
         raise BadRequest(400, "malformed request target")
     headers: list[tuple[str, str]] = []
     budget = max_headers
@@ -122,7 +130,7 @@ def read_head(rfile: LineReader, max_line: int, max_headers: int) -> Request | N
         if raw[:1] in (b" ", b"\t"):
             raise BadRequest(400, "obsolete header line folding")
         name, sep, value = raw.partition(b":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:
+        if not sep or not name or name.translate(None, _TOKEN_BYTES):
             raise BadRequest(400, "malformed header line")
         if b"\0" in value or b"\r" in value:
             raise BadRequest(400, "invalid character in a header value")
@@ -132,31 +140,69 @@ def read_head(rfile: LineReader, max_line: int, max_headers: int) -> Request | N
     )
 
 
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date header value, formatted at most once per second."""
+    global _date_cache
+    now = int(time.time())
+    second, text = _date_cache  # one tuple: threads see a consistent pair
+    if second != now:
+        text = formatdate(now, usegmt=True)
+        _date_cache = (now, text)
+    return text
+
+
 class HTTPSink:
     """HTTP/1.x response framing on a blocking socket with a timeout.
 
     Every wait for the client is bounded by the socket timeout, but not the whole transfer:
     ``sendall``'s timeout is a total and would cut a slow but steady download.
+
+    With ``keep_alive`` (the client allows it) the connection stays open when the framing
+    allows it; ``reusable`` says, after the response, whether the next request may follow.
     """
 
-    def __init__(self, sock: socket.socket, version: str, head_only: bool) -> None:
+    def __init__(
+        self, sock: socket.socket, version: str, head_only: bool, keep_alive: bool = False
+    ) -> None:
         self.sock = sock
         self.version = version
         self.head_only = head_only
         self.chunked = False
+        self.keep_alive = keep_alive
+        self.finished = False
+
+    @property
+    def reusable(self) -> bool:
+        return self.keep_alive and self.finished
 
     def send_headers(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
         code = int(status[:3])
-        has_length = any(n.lower() == "content-length" for n, _ in headers)
-        lines = [f"HTTP/1.1 {status}", f"Date: {formatdate(usegmt=True)}"]
-        if not any(n.lower() == "server" for n, _ in headers):
+        has_length = False
+        has_server = False
+        for name, _ in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                has_length = True
+            elif lower == "server":
+                has_server = True
+        lines = [f"HTTP/1.1 {status}", f"Date: {http_date()}"]
+        if not has_server:
             lines.append(f"Server: {SERVER_SOFTWARE}")
         lines.extend(f"{n}: {v}" for n, v in headers)
         bodyless = self.head_only or code in _NO_BODY_CODES or code < 200
-        if not has_length and not bodyless and self.version == "HTTP/1.1":
-            self.chunked = True
-            lines.append("Transfer-Encoding: chunked")
-        lines.append("Connection: close")
+        if not has_length and not bodyless:
+            if self.version == "HTTP/1.1":
+                self.chunked = True
+                lines.append("Transfer-Encoding: chunked")
+            else:
+                self.keep_alive = False  # HTTP/1.0: the close ends the body
+        if not self.keep_alive:
+            lines.append("Connection: close")
+        elif self.version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if bodyless:
             body = b""
@@ -194,9 +240,11 @@ class HTTPSink:
     def finish(self) -> None:
         if self.chunked and not self.head_only:
             self._write(b"0\r\n\r\n")
+        self.finished = True
 
     def abort(self) -> None:
         self.chunked = False  # never send the last chunk: the client sees the cut
+        self.keep_alive = False
 
 
 class _LengthSource:
@@ -269,12 +317,192 @@ class _ChunkedSource:
         return data
 
 
+class HTTP1:
+    """The HTTP/1.x side of one listener, shared by the ``wsgiref`` and ``fastgevent``
+    backends: the environ of a request, refusals, the lingering close, the access log line.
+    """
+
+    def __init__(self, listener: Listener, settings: Settings, multithread: bool) -> None:
+        self.max_line = settings.limit_request_line
+        self.max_headers = settings.limit_request_headers
+        sock = listener.sock
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.unix_path = ""
+        if self.tcp:
+            host, port = sock.getsockname()[:2]
+            server_name, server_port = str(host), str(port)
+        else:
+            self.unix_path = listener.unix_path() or ""
+            server_name, server_port = self.unix_path, ""
+        self.log_access = access.isEnabledFor(logging.INFO)
+        # what every environ starts with (wsgi.errors is per request: it buffers a line)
+        self.base: dict[str, Any] = {
+            "SCRIPT_NAME": "",
+            "SERVER_NAME": server_name,
+            "SERVER_PORT": server_port,
+            "SERVER_SOFTWARE": SERVER_SOFTWARE,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.multithread": multithread,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "wsgi.file_wrapper": FileWrapper,
+        }
+
+    def client(self, addr: Any) -> str:
+        return str(addr[0]) if self.tcp else self.unix_path
+
+    def environ(
+        self, request: Request, rfile: Any, conn: socket.socket, addr: Any
+    ) -> tuple[dict[str, Any] | None, Any]:
+        """The environ and body source of a request; (None, None) when it was refused
+        (the refusal is sent: close the connection)."""
+        target = request.target
+        if "://" in target and not target.startswith("/"):  # absolute-form
+            rest = target.split("://", 1)[1]
+            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
+        path, _, query = target.partition("?")
+        if "#" in path:
+            path = path.split("#", 1)[0]
+        environ = self.base.copy()
+        environ["REQUEST_METHOD"] = request.method
+        # PEP 3333: the bytes the client sent, percent-decoded, as latin-1 text
+        environ["PATH_INFO"] = (
+            unquote_to_bytes(path.encode("latin-1")).decode("latin-1") if "%" in path else path
+        )
+        environ["QUERY_STRING"] = query.split("#", 1)[0] if "#" in query else query
+        environ["RAW_URI"] = environ["REQUEST_URI"] = request.target
+        environ["SERVER_PROTOCOL"] = request.version
+        environ["wsgi.errors"] = ErrorStream()
+        if self.tcp:
+            environ["REMOTE_ADDR"] = str(addr[0])
+            environ["REMOTE_PORT"] = str(addr[1])
+        else:
+            environ["REMOTE_ADDR"] = self.unix_path
+        length: str | None = None
+        chunked = False
+        expect_continue = False
+        for name, value in request.headers:
+            if "_" in name:
+                continue  # X_Forwarded_For would alias X-Forwarded-For
+            key = name.upper().replace("-", "_")
+            if key == "CONTENT_LENGTH":
+                if length is not None and length != value:
+                    self.reject(conn, 400)
+                    return None, None
+                length = value
+                continue
+            if key == "CONTENT_TYPE":
+                environ["CONTENT_TYPE"] = value
+                continue
+            if key == "TRANSFER_ENCODING":
+                if value.lower() != "chunked":
+                    self.reject(conn, 501)
+                    return None, None
+                chunked = True
+            elif key == "EXPECT" and value.lower() == "100-continue":
+                expect_continue = True
+            elif key == "HOST" and "HTTP_HOST" in environ:
+                self.reject(conn, 400)  # RFC 9112: exactly one Host
+                return None, None
+            key = "HTTP_" + key
+            if key in environ:
+                sep = "; " if key == "HTTP_COOKIE" else ", "
+                environ[key] += sep + value
+            else:
+                environ[key] = value
+        if chunked and length is not None:
+            self.reject(conn, 400)  # both framings: a smuggling attempt
+            return None, None
+        source: _LengthSource | _ChunkedSource
+        if chunked:
+            source = _ChunkedSource(rfile)
+            # No CONTENT_LENGTH: tell apps (Werkzeug) that read() ends at the body's end.
+            # Only here: with a length they read by it, and setting it always makes Werkzeug
+            # call read() without a size, which PEP 3333 (and wsgiref.validate) forbid.
+            environ["wsgi.input_terminated"] = True
+        else:
+            if length is not None:
+                if not (length.isascii() and length.isdigit()):
+                    self.reject(conn, 400)
+                    return None, None
+                environ["CONTENT_LENGTH"] = length
+            source = _LengthSource(rfile, int(length or 0))
+        before = None
+        if expect_continue and request.version == "HTTP/1.1" and not source.done:
+
+            def before() -> None:
+                try:
+                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                except OSError as exc:
+                    raise BodyTruncated(f"sending 100 Continue: {exc}") from exc
+
+        environ["wsgi.input"] = BodyReader(source, before)
+        host = environ.get("HTTP_HOST")
+        if host and not self.tcp:
+            environ["SERVER_NAME"] = host.rsplit(":", 1)[0] if "]" not in host else host
+        return environ, source
+
+    def reject(self, conn: socket.socket, status: int) -> None:
+        text = _STATUS_TEXT.get(status, "Bad Request")
+        body = f"{status} {text}\n".encode()
+        head = (
+            f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        try:
+            conn.sendall(head + body)
+            self.linger(conn)
+        except OSError:
+            pass
+
+    @staticmethod
+    def linger(conn: socket.socket) -> None:
+        """Close without RST: closing with unread input would reset the connection and
+        could destroy the response before the client reads it."""
+        try:
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(1.0)
+            budget = 1 << 20
+            while budget > 0:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                budget -= len(data)
+        except OSError:
+            pass
+
+    @staticmethod
+    def access_line(environ: dict[str, Any], status: int, length: int, duration: float) -> None:
+        """One line to the ``chaussette.access`` logger (check ``log_access`` first)."""
+        access.info(
+            '%s - - [%s] "%s %s %s" %s %s "%s" "%s" %.3f',
+            environ.get("REMOTE_ADDR", "-"),
+            time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+            environ.get("REQUEST_METHOD", "-"),
+            environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", ""),
+            environ.get("SERVER_PROTOCOL", "-"),
+            status or "-",
+            length or "-",
+            environ.get("HTTP_REFERER", "-"),
+            environ.get("HTTP_USER_AGENT", "-"),
+            duration,
+        )
+
+
+def wants_keep_alive(environ: dict[str, Any]) -> bool:
+    """Does the client let the connection live after this response?"""
+    tokens = environ.get("HTTP_CONNECTION", "").lower()
+    if environ["SERVER_PROTOCOL"] == "HTTP/1.1":
+        return "close" not in tokens
+    return "keep-alive" in tokens
+
+
 class WSGIRefServer(Server):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         s = self.settings
-        self.max_line = s.limit_request_line
-        self.max_headers = s.limit_request_headers
+        self.http = HTTP1(self.listener, s, multithread=True)
         self.timeout = s.timeout or None
         self.slots = threading.BoundedSemaphore(s.threads)
         self.active = 0
@@ -282,15 +510,6 @@ class WSGIRefServer(Server):
         self.stopping = threading.Event()
         self.wake_r, self.wake_w = os.pipe()
         self.thread: threading.Thread | None = None
-        sock = self.listener.sock
-        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        if self.tcp:
-            host, port = sock.getsockname()[:2]
-            self.server_name, self.server_port = str(host), str(port)
-        else:
-            path = self.listener.unix_path() or ""
-            self.server_name, self.server_port, self.unix_path = path, "", path
-        self.log_access = access.isEnabledFor(logging.INFO)
 
     # -- Server API --
 
@@ -383,7 +602,7 @@ class WSGIRefServer(Server):
         try:
             conn.setblocking(True)
             conn.settimeout(self.timeout)
-            if self.tcp:
+            if self.http.tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._handle(conn, addr)
         except Exception:
@@ -395,171 +614,31 @@ class WSGIRefServer(Server):
                 self._done()
 
     def _handle(self, conn: socket.socket, addr: Any) -> None:
+        http = self.http
         started = time.monotonic()
         rfile = conn.makefile("rb", buffering=65536)
         try:
             try:
-                request = read_head(rfile, self.max_line, self.max_headers)
+                request = read_head(rfile, http.max_line, http.max_headers)
             except BadRequest as exc:
-                log.info("bad request from %s: %s", self._client(addr), exc)
-                self._reject(conn, exc.status)
+                log.info("bad request from %s: %s", http.client(addr), exc)
+                http.reject(conn, exc.status)
                 return
             except (TimeoutError, ConnectionError):
                 return
             if request is None:
                 return
-            environ, source = self._environ(request, rfile, conn, addr)
+            environ, source = http.environ(request, rfile, conn, addr)
             if environ is None:
                 return
             sink = HTTPSink(conn, request.version, request.method == "HEAD")
             response = Response(self.app, environ, sink)
             response.run()
-            if self.log_access:
-                self._log_access(environ, response, started)
+            if http.log_access:
+                http.access_line(
+                    environ, response.status_code, response.body_bytes, time.monotonic() - started
+                )
             if source is not None and not source.done:
-                self._linger(conn)
+                http.linger(conn)
         finally:
             rfile.close()
-
-    def _client(self, addr: Any) -> str:
-        return str(addr[0]) if self.tcp else self.unix_path
-
-    def _environ(
-        self, request: Request, rfile: Any, conn: socket.socket, addr: Any
-    ) -> tuple[dict[str, Any] | None, Any]:
-        target = request.target
-        if "://" in target and not target.startswith("/"):  # absolute-form
-            rest = target.split("://", 1)[1]
-            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        path, _, query = target.partition("?")
-        path = path.split("#", 1)[0]
-        environ: dict[str, Any] = {
-            "REQUEST_METHOD": request.method,
-            "SCRIPT_NAME": "",
-            # PEP 3333: the bytes the client sent, percent-decoded, as latin-1 text
-            "PATH_INFO": unquote_to_bytes(path.encode("latin-1")).decode("latin-1"),
-            "QUERY_STRING": query.split("#", 1)[0],
-            "RAW_URI": request.target,
-            "REQUEST_URI": request.target,
-            "SERVER_NAME": self.server_name,
-            "SERVER_PORT": self.server_port,
-            "SERVER_PROTOCOL": request.version,
-            "SERVER_SOFTWARE": SERVER_SOFTWARE,
-            "REMOTE_ADDR": str(addr[0]) if self.tcp else self.unix_path,
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.errors": ErrorStream(),
-            "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.file_wrapper": FileWrapper,
-        }
-        if self.tcp:
-            environ["REMOTE_PORT"] = str(addr[1])
-        length: str | None = None
-        chunked = False
-        expect_continue = False
-        for name, value in request.headers:
-            if "_" in name:
-                continue  # X_Forwarded_For would alias X-Forwarded-For
-            key = name.upper().replace("-", "_")
-            if key == "CONTENT_LENGTH":
-                if length is not None and length != value:
-                    self._reject(conn, 400)
-                    return None, None
-                length = value
-                continue
-            if key == "CONTENT_TYPE":
-                environ["CONTENT_TYPE"] = value
-                continue
-            if key == "TRANSFER_ENCODING":
-                if value.lower() != "chunked":
-                    self._reject(conn, 501)
-                    return None, None
-                chunked = True
-            elif key == "EXPECT" and value.lower() == "100-continue":
-                expect_continue = True
-            elif key == "HOST" and "HTTP_HOST" in environ:
-                self._reject(conn, 400)  # RFC 9112: exactly one Host
-                return None, None
-            key = "HTTP_" + key
-            if key in environ:
-                sep = "; " if key == "HTTP_COOKIE" else ", "
-                environ[key] += sep + value
-            else:
-                environ[key] = value
-        if chunked and length is not None:
-            self._reject(conn, 400)  # both framings: a smuggling attempt
-            return None, None
-        source: _LengthSource | _ChunkedSource | None
-        if chunked:
-            source = _ChunkedSource(rfile)
-            # No CONTENT_LENGTH: tell apps (Werkzeug) that read() ends at the body's end.
-            # Only here: with a length they read by it, and setting it always makes Werkzeug
-            # call read() without a size, which PEP 3333 (and wsgiref.validate) forbid.
-            environ["wsgi.input_terminated"] = True
-        else:
-            if length is not None:
-                if not (length.isascii() and length.isdigit()):
-                    self._reject(conn, 400)
-                    return None, None
-                environ["CONTENT_LENGTH"] = length
-            source = _LengthSource(rfile, int(length or 0))
-        before = None
-        if expect_continue and request.version == "HTTP/1.1" and not source.done:
-
-            def before() -> None:
-                try:
-                    conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-                except OSError as exc:
-                    raise BodyTruncated(f"sending 100 Continue: {exc}") from exc
-
-        environ["wsgi.input"] = BodyReader(source, before)
-        host = environ.get("HTTP_HOST")
-        if host and not self.tcp:
-            environ["SERVER_NAME"] = host.rsplit(":", 1)[0] if "]" not in host else host
-        return environ, source
-
-    def _reject(self, conn: socket.socket, status: int) -> None:
-        text = _STATUS_TEXT.get(status, "Bad Request")
-        body = f"{status} {text}\n".encode()
-        head = (
-            f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        try:
-            conn.sendall(head + body)
-            self._linger(conn)
-        except OSError:
-            pass
-
-    def _linger(self, conn: socket.socket) -> None:
-        """Close without RST: closing with unread input would reset the connection and
-        could destroy the response before the client reads it."""
-        try:
-            conn.shutdown(socket.SHUT_WR)
-            conn.settimeout(1.0)
-            budget = 1 << 20
-            while budget > 0:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                budget -= len(data)
-        except OSError:
-            pass
-
-    def _log_access(self, environ: dict[str, Any], response: Response, started: float) -> None:
-        uri = environ.get("RAW_URI", "")
-        access.info(
-            '%s - - [%s] "%s %s %s" %s %s "%s" "%s" %.3f',
-            environ.get("REMOTE_ADDR", "-"),
-            time.strftime("%d/%b/%Y:%H:%M:%S %z"),
-            environ["REQUEST_METHOD"],
-            uri,
-            environ["SERVER_PROTOCOL"],
-            response.status_code or "-",
-            response.body_bytes or "-",
-            environ.get("HTTP_REFERER", "-"),
-            environ.get("HTTP_USER_AGENT", "-"),
-            time.monotonic() - started,
-        )
