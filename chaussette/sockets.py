@@ -38,7 +38,7 @@ REEXEC_OWNED = "CHAUSSETTE_REEXEC_OWNED"  # "dev:ino:path" of a unix socket file
 @dataclass
 class Listener:
     sock: socket.socket
-    origin: str  # "bound", "fd", "systemd", "re-exec"
+    origin: str  # "bound", "from --fd N", "from --host fd://N", "systemd", "re-exec"
     owned_path: str | None = None  # a unix socket file we created
     owned_id: tuple[int, int] | None = None  # its (st_dev, st_ino)
 
@@ -116,9 +116,9 @@ def get_listener(settings: Settings) -> Listener:
         return handed
     host = settings.host
     if settings.fd is not None:
-        return Listener(adopt_fd(settings.fd, f"--fd {settings.fd}"), "fd")
+        return Listener(adopt_fd(settings.fd, f"--fd {settings.fd}"), f"from --fd {settings.fd}")
     if host.startswith("fd://"):
-        return Listener(adopt_fd(_parse_fd_url(host), f"--host {host}"), "fd")
+        return Listener(adopt_fd(_parse_fd_url(host), f"--host {host}"), f"from --host {host}")
     activated = systemd.listen_fds()
     if activated:
         if settings.explicit & {"host", "port"}:

@@ -171,7 +171,8 @@ def test_fd(procs, how):
         args = ["--fd", str(fd)] if how == "--fd" else ["--host", f"fd://{fd}"]
         proc = procs.chaussette(*args, ROUTES_APP, pass_fds=(fd,))
         wait_http(sock.getsockname(), proc)
-        assert f"(fd {fd}, fd)" in proc.output()
+        origin = f"from --fd {fd}" if how == "--fd" else f"from --host fd://{fd}"
+        assert f"(fd {fd}, {origin})" in proc.output()
         assert proc.stop() == EXIT_OK
 
 

@@ -74,7 +74,8 @@ def test_startup_line_names_inherited_fd(procs):
         assert stop(proc) == 0
     startup = [msg for _, _, msg in classic(proc.output()) if "serving" in msg]
     assert len(startup) == 1
-    assert f"serving chaussette.hello:app on http://127.0.0.1:{port} (fd {fd}, fd)" in startup[0]
+    where = f"http://127.0.0.1:{port} (fd {fd}, from --fd {fd})"
+    assert f"serving chaussette.hello:app on {where}" in startup[0]
 
 
 def test_log_level_warning_hides_info(procs):

@@ -148,7 +148,8 @@ def test_adopts_inherited_listener(procs, short_tmp, kind, how):
         resp = wait_http(address, proc)
         assert (resp.status, resp.body) == (200, b"hello")
         # the family was read from the kernel, not guessed
-        proc.wait_for_output(f"on {served_where(address)} (fd {fd}, fd)")
+        origin = f"from --fd {fd}" if how == "--fd" else f"from --host fd://{fd}"
+        proc.wait_for_output(f"on {served_where(address)} (fd {fd}, {origin})")
         body = http_request(address, "/echo", "POST", body=b"x" * 1000).body
         assert body.startswith(b"1000 ")
         assert proc.stop() == 0
@@ -164,7 +165,7 @@ def test_adopts_abstract_unix_socket(procs):
         fd = sock.fileno()
         proc = procs.chaussette("--fd", str(fd), ROUTES_APP, pass_fds=(fd,))
         assert wait_http("\0" + name, proc).body == b"hello"
-        proc.wait_for_output(f"on unix:@{name} (fd {fd}, fd)")
+        proc.wait_for_output(f"on unix:@{name} (fd {fd}, from --fd {fd})")
         assert proc.stop() == 0
 
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -589,6 +590,106 @@ def test_threads_bound_queues_the_next_connection(procs, sock_dir: Path, tmp_pat
         (tmp_path / "b").touch()
         sock_b, first_b = held["b"]
         assert parse_response(first_b + read_until_closed(sock_b)).body == b"open\ndone\n"
+
+
+THREAD_APP = """
+import os, threading, time
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"%d open\\n" % threading.get_native_id()
+    gate = environ["QUERY_STRING"]
+    for _ in range(1000 if gate else 0):
+        if os.path.exists(gate):
+            break
+        time.sleep(0.01)
+    yield b"%d threads\\n" % threading.active_count()
+"""
+
+
+def test_idle_workers_serve_the_next_connections(procs, sock_dir: Path, tmp_path: Path) -> None:
+    """Workers outlive their connection: once --threads of them exist, later connections
+    are served by those same threads and no thread is started."""
+    (tmp_path / "threadapp.py").write_text(THREAD_APP)
+    gate = tmp_path / "gate"
+    srv = start(
+        procs, "tcp", sock_dir, "--threads", "3", "--python-path", str(tmp_path),
+        app="threadapp:application",
+    )  # fmt: skip
+    workers = set()
+    with contextlib.ExitStack() as stack:
+        held = []
+        for _ in range(3):
+            sock = stack.enter_context(connect(srv.address))
+            sock.sendall(f"GET /?{gate} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            first = read_until(sock, b"open\n")
+            workers.add(int(first.split(b"\r\n\r\n", 1)[1].split(b"\r\n")[1].split()[0]))
+            held.append((sock, first))
+        assert len(workers) == 3  # three at once: three threads
+        gate.touch()
+        for sock, first in held:
+            assert b"threads" in parse_response(first + read_until_closed(sock)).body
+    counts = set()
+    for _ in range(30):
+        ident, count = get(srv.address, "/").body.split(b" open\n")
+        assert int(ident) in workers, "a connection was served by a new thread"
+        counts.add(int(count.split()[0]))
+    assert max(counts) <= 3 + 2, counts  # workers, the accept loop, the main thread
+
+
+def test_in_flight_drain_and_close_with_worker_threads() -> None:
+    """In process: in_flight and wait_idle count the connections being served; the
+    workers stay after their requests (daemon threads) and close() ends them."""
+    from chaussette.backends.wsgiref import WSGIRefServer
+    from chaussette.settings import Settings
+    from chaussette.sockets import bind_tcp
+
+    entered = threading.Semaphore(0)
+    release = threading.Event()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/hold":
+            entered.release()
+            release.wait(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    before = set(threading.enumerate())
+    listener = bind_tcp("127.0.0.1", 0, 16, None)
+    server = WSGIRefServer(app, listener, Settings(threads=2))
+    server.start()
+    try:
+        address = listener.sock.getsockname()[:2]
+        with connect(address) as a, connect(address) as b:
+            for sock in (a, b):
+                sock.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+            for _ in range(2):
+                assert entered.acquire(timeout=10)
+            assert server.in_flight() == 2
+            assert not server.wait_idle(0.05)
+            release.set()
+            for sock in (a, b):
+                assert parse_response(read_until_closed(sock)).body == b"ok"
+        assert server.wait_idle(10)
+        assert server.in_flight() == 0
+        workers = [
+            t for t in threading.enumerate() if t not in before and t.name != "chaussette-accept"
+        ]
+        assert len(workers) == 2 and all(t.daemon and t.is_alive() for t in workers)
+        assert get(address, "/").body == b"ok"  # served by one of them
+        assert server.wait_idle(10)
+        assert [
+            t for t in threading.enumerate() if t not in before and t.name != "chaussette-accept"
+        ] == workers
+        server.stop_accepting()
+    finally:
+        release.set()
+        server.stop_accepting()
+        server.close()
+        listener.close()
+    for thread in workers:
+        thread.join(10)
+        assert not thread.is_alive(), "an idle worker outlived close()"
 
 
 @pytest.mark.parametrize("threads", ["1", "4"])

@@ -67,7 +67,7 @@ BACKENDS: tuple[BackendInfo, ...] = (
     _http(
         "wsgiref",
         "wsgiref:WSGIRefServer",
-        "stdlib only: a bounded thread per request, no keep-alive",
+        "stdlib only: a bounded pool of worker threads (--threads), kept while idle; no keep-alive",
         threads=True,
         keepalive=False,
     ),

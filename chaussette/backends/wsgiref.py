@@ -4,8 +4,9 @@ The classic chaussette served ``wsgiref.simple_server``: one request at a time, 
 queue of 5, the process environment leaked into every environ. This keeps the name and the
 zero dependencies, and is a usable server:
 
-- one thread per connection, at most ``--threads`` at once; at the bound the accept loop
-  waits and new connections queue in the kernel (``--backlog``);
+- worker threads started on demand, at most ``--threads``, kept while idle; each serves
+  one connection at a time; at the bound the accept loop waits and new connections queue
+  in the kernel (``--backlog``);
 - one request per connection (``Connection: close``), HTTP/1.1 responses without a length
   are chunked so that a cut response is visible as cut;
 - the request line and the header block are bounded (414 / 431), a malformed head gets 400;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import selectors
 import socket
 import threading
@@ -499,14 +501,27 @@ def wants_keep_alive(environ: dict[str, Any]) -> bool:
 
 
 class WSGIRefServer(Server):
+    """Worker threads made on demand up to ``--threads`` and kept while idle (ashd-wsgi's
+    ``free:max``): steady load starts no thread. The accept loop hands each connection to
+    an idle worker through a queue, or starts one; with ``--threads`` connections in flight
+    it stops accepting and the next ones wait in the kernel backlog.
+    """
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         s = self.settings
         self.http = HTTP1(self.listener, s, multithread=True)
         self.timeout = s.timeout or None
-        self.slots = threading.BoundedSemaphore(s.threads)
-        self.active = 0
-        self.idle = threading.Condition()
+        self.max_threads = s.threads
+        # ``lock`` guards the counters; ``idle`` (its condition) is notified when a slot
+        # frees at the bound and when the last request ends
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.active = 0  # connections accepted and not yet closed
+        self.workers = 0  # worker threads alive
+        self.free = 0  # workers waiting on the queue, or about to
+        self.queue: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self.closed = False
         self.stopping = threading.Event()
         self.wake_r, self.wake_w = os.pipe()
         self.thread: threading.Thread | None = None
@@ -534,6 +549,11 @@ class WSGIRefServer(Server):
         return self.active
 
     def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            count = self.workers
+        for _ in range(count):  # one each: idle workers exit now, busy ones when done
+            self.queue.put(None)
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -544,30 +564,32 @@ class WSGIRefServer(Server):
 
     def _accept_loop(self) -> None:
         listener = self.listener.sock
+        bound = self.max_threads
+        stopping = self.stopping
         with selectors.DefaultSelector() as sel:
             sel.register(listener, selectors.EVENT_READ)
             sel.register(self.wake_r, selectors.EVENT_READ)
-            while not self.stopping.is_set():
-                while not self.slots.acquire(timeout=0.5):  # at the bound: let the queue hold
-                    if self.stopping.is_set():
-                        return
-                conn = None
-                try:
-                    while conn is None and not self.stopping.is_set():
-                        if any(key.fileobj == self.wake_r for key, _ in sel.select()):
-                            break
-                        conn = self._accept(listener)
-                finally:
-                    if conn is None:
-                        self.slots.release()
+            while not stopping.is_set():
+                if self.active >= bound:  # at the bound: let the kernel queue hold
+                    with self.idle:
+                        while self.active >= bound:
+                            self.idle.wait(0.5)
+                            if stopping.is_set():
+                                return
+                # accept first: under load a connection is usually waiting already
+                conn = self._accept(listener)
+                while conn is None and not stopping.is_set():
+                    if any(key.fileobj == self.wake_r for key, _ in sel.select()):
+                        break
+                    conn = self._accept(listener)
                 if conn is not None:
-                    self._spawn(*conn)
+                    self._dispatch(conn)
 
     def _accept(self, listener: socket.socket) -> tuple[socket.socket, Any] | None:
         try:
             return listener.accept()
         except BlockingIOError:
-            return None  # another process sharing the socket took it
+            return None  # nothing yet, or another process sharing the socket took it
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
@@ -576,25 +598,47 @@ class WSGIRefServer(Server):
                 log.error("accept failed: %s", exc)
             return None
 
-    def _spawn(self, conn: socket.socket, addr: Any) -> None:
-        with self.idle:
+    def _dispatch(self, conn: tuple[socket.socket, Any]) -> None:
+        with self.lock:
             self.active += 1
+            if self.free:
+                self.free -= 1
+                spawn = False
+            else:  # fewer than --threads connections in flight: a worker may be added
+                self.workers += 1
+                spawn = True
+        if not spawn:
+            self.queue.put(conn)
+            return
         thread = threading.Thread(
-            target=self._serve, args=(conn, addr), daemon=True, name="chaussette-request"
+            target=self._worker, args=(conn,), daemon=True, name="chaussette-worker"
         )
         try:
             thread.start()
         except RuntimeError:  # can't start new thread
             log.error("cannot start a thread for a connection; closing it")
-            conn.close()
-            self._done()
+            conn[0].close()
+            with self.lock:
+                self.workers -= 1
+            self._done(idle_worker=False)
 
-    def _done(self) -> None:
-        self.slots.release()
-        with self.idle:
+    def _done(self, idle_worker: bool) -> None:
+        with self.lock:
+            if idle_worker:
+                self.free += 1  # before the slot frees: the accept loop will reuse it
             self.active -= 1
-            if self.active == 0:
+            if self.active == 0 or self.active == self.max_threads - 1:
                 self.idle.notify_all()
+
+    def _worker(self, item: tuple[socket.socket, Any] | None) -> None:
+        get = self.queue.get
+        while item is not None:
+            self._serve(*item)
+            if self.closed:
+                break
+            item = get()
+        with self.lock:
+            self.workers -= 1
 
     # -- one connection, one request --
 
@@ -611,7 +655,7 @@ class WSGIRefServer(Server):
             try:
                 conn.close()
             finally:
-                self._done()
+                self._done(idle_worker=not self.closed)
 
     def _handle(self, conn: socket.socket, addr: Any) -> None:
         http = self.http
