@@ -271,6 +271,135 @@ def read_all(sock: socket.socket) -> bytes:
         chunks.append(data)
 
 
+# -- a client that reads responses by their framing --
+
+
+class Cut(AssertionError):
+    """The server closed the connection before the response was complete."""
+
+
+class Conn:
+    def __init__(
+        self, address: tuple[str, int] | str, timeout: float = 10, rcvbuf: int | None = None
+    ) -> None:
+        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if rcvbuf:  # before connect, so that the TCP window is small from the start
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            self.sock.settimeout(timeout)
+            self.sock.connect(address)
+        except BaseException:
+            self.sock.close()
+            raise
+        self.buf = b""
+        self.received = 0  # bytes read from the socket so far
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def more(self, size: int = 262144) -> bool:
+        try:
+            data = self.sock.recv(size)
+        except ConnectionResetError:
+            data = b""
+        self.received += len(data)
+        self.buf += data
+        return bool(data)
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            if not self.more():
+                raise Cut(f"closed before {marker!r}: {self.buf[:300]!r}")
+        end = self.buf.index(marker) + len(marker)
+        out, self.buf = self.buf[:end], self.buf[end:]
+        return out
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self.more():
+                raise Cut(f"closed after {len(self.buf)} of {n} bytes")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_to_eof(self) -> bytes:
+        while self.more():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+    def response(self, head_only: bool = False) -> HTTPResponse:
+        head = self.read_until(b"\r\n\r\n")
+        resp = parse_response(head, head_only=True)
+        coding = (resp.header("Transfer-Encoding") or "").lower()
+        if head_only or resp.status in (204, 304):
+            body = b""
+        elif coding == "chunked":
+            body = self._chunked()
+        elif resp.header("Content-Length") is not None:
+            body = self.read_exact(int(resp.header("Content-Length") or 0))
+        else:
+            body = self.read_to_eof()
+        resp.body = body
+        return resp
+
+    def _chunked(self) -> bytes:
+        pieces = []
+        for _ in range(1_000_000):
+            size = int(self.read_until(b"\r\n").split(b";")[0].strip(), 16)
+            if size == 0:
+                while self.read_until(b"\r\n") != b"\r\n":  # trailer fields
+                    pass
+                return b"".join(pieces)
+            pieces.append(self.read_exact(size))
+            if self.read_exact(2) != b"\r\n":
+                raise AssertionError("no CRLF after a chunk")
+        raise AssertionError("too many chunks")
+
+    def closed_by_server(self) -> bool:
+        """True when the server closes with nothing more sent (bounded by the timeout)."""
+        return self.read_to_eof() == b""
+
+
+def request_bytes(
+    method: str, target: str, *headers: str, body: bytes = b"", close: bool = True
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: localhost", *headers]
+    if close:
+        lines.append("Connection: close")
+    if body and not any(h.lower().startswith("transfer-encoding") for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(262144)
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
+
+
+def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
+    """Read until ``marker`` is in the bytes (the socket timeout bounds every wait)."""
+    while marker not in data:
+        more = sock.recv(65536)
+        if not more:
+            raise AssertionError(f"closed before {marker!r}: {data[:300]!r}")
+        data += more
+    return data
+
+
 def wait_http(
     address: tuple[str, int] | str, proc: Proc | None = None, path: str = "/", timeout: float = 20
 ) -> HTTPResponse:

@@ -19,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, free_port, parse_response, require_module, wait_http
+from tests.conftest import (
+    Proc,
+    free_port,
+    parse_response,
+    read_until,
+    read_until_closed,
+    require_module,
+    wait_http,
+)
 
 require_module("bjoern", "apt-get install libev-dev; pip install 'chaussette[bjoern]'")
 
@@ -62,32 +70,10 @@ def send(sock: socket.socket, method: str, target: str, close: bool = True) -> N
     sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
 
 
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise AssertionError(f"closed before {marker!r}: {data[:300]!r}")
-        data += more
-    return data
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(262144)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
 def get(address: tuple[str, int] | str, target: str) -> bytes:
     with connect(address) as sock:
         send(sock, "GET", target)
-        return read_to_eof(sock)
+        return read_until_closed(sock)
 
 
 def still_running(proc: Proc, seconds: float = QUIET) -> bool:
@@ -118,9 +104,9 @@ def test_sigterm_finishes_the_response_in_flight_then_closes_idle_ones(
         proc.wait_for_output("SIGTERM: stopping")
         assert still_running(proc), "exited with a response in flight:\n" + proc.output()
         (tmp_path / "go").touch()
-        resp = parse_response(first + read_to_eof(busy))
+        resp = parse_response(first + read_until_closed(busy))
         assert (resp.status, resp.body) == (200, b"open\ndone\n")
-        assert read_to_eof(idle) == b""  # closed once the loop was free, not held open
+        assert read_until_closed(idle) == b""  # closed once the loop was free, not held open
     assert proc.wait(15) == 0, proc.output()
     assert "all requests finished" in proc.output()
 
@@ -134,7 +120,7 @@ def test_sigterm_lets_a_slow_download_finish(procs) -> None:
         proc.send(signal.SIGTERM)
         proc.wait_for_output("SIGTERM: stopping")
         assert still_running(proc), "exited while a response was being written"
-        resp = parse_response(head + read_to_eof(slow))
+        resp = parse_response(head + read_until_closed(slow))
     assert len(resp.body) == size and resp.body.count(b"b") == size
     assert proc.wait(15) == 0, proc.output()
 
@@ -148,7 +134,7 @@ def test_sigint_reaches_the_lifecycle_not_libev(procs) -> None:
         assert b"hello" in read_until(idle, b"hello")
         proc.send(signal.SIGINT)
         proc.wait_for_output("SIGINT: stopping")
-        assert read_to_eof(idle) == b""
+        assert read_until_closed(idle) == b""
     assert proc.wait(15) == 0, proc.output()
     assert "all requests finished" in proc.output()
 
@@ -178,8 +164,8 @@ def test_sighup_restarts_in_place(procs, tmp_path: Path) -> None:
         proc.send(signal.SIGHUP)
         proc.wait_for_output("SIGHUP: restarting in place")
         (tmp_path / "go").touch()
-        assert parse_response(first + read_to_eof(busy)).body == b"open\ndone\n"
-        assert read_to_eof(idle) == b""
+        assert parse_response(first + read_until_closed(busy)).body == b"open\ndone\n"
+        assert read_until_closed(idle) == b""
     proc.wait_for_output("re-executing")
     wait_http(address, proc)
     assert "stopping instead" not in proc.output()[mark:]
@@ -200,7 +186,7 @@ def test_head_without_length_on_keep_alive(procs) -> None:
         assert resp.header("Content-Length") == "24"  # what GET sends: 3 x "chunk N\n"
         assert resp.header("Transfer-Encoding") is None
         send(sock, "GET", "/")  # nothing may sit between the two responses
-        rest = read_to_eof(sock)
+        rest = read_until_closed(sock)
     assert rest.startswith(b"HTTP/1.1 200 OK\r\n"), rest[:100]
     assert parse_response(rest).body == b"hello"
 
@@ -259,5 +245,5 @@ def test_one_app_call_at_a_time(procs, tmp_path: Path) -> None:
         send(other, "GET", "/")
         assert not select.select([other], [], [], QUIET)[0], "served during another app call"
         (tmp_path / "go").touch()
-        assert parse_response(first + read_to_eof(busy)).body == b"open\ndone\n"
-        assert parse_response(read_to_eof(other)).body == b"hello"
+        assert parse_response(first + read_until_closed(busy)).body == b"open\ndone\n"
+        assert parse_response(read_until_closed(other)).body == b"hello"

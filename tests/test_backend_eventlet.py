@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, free_port, parse_response, require_module, wait_http
+from tests.conftest import (
+    Proc,
+    free_port,
+    parse_response,
+    read_until,
+    read_until_closed,
+    require_module,
+    wait_http,
+)
 
 require_module("eventlet", "pip install 'chaussette[eventlet]'")
 
@@ -57,28 +65,6 @@ def send_get(sock: socket.socket, target: str, close: bool = True) -> None:
     sock.sendall(f"GET {target} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
 
 
-def read_until(sock: socket.socket, marker: bytes) -> bytes:
-    data = b""
-    while marker not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise AssertionError(f"closed before {marker!r}: {data[:300]!r}")
-        data += more
-    return data
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
 def silent(sock: socket.socket, seconds: float = QUIET) -> bool:
     """True when nothing arrives (and the connection is not closed) for ``seconds``."""
     return not select.select([sock], [], [], seconds)[0]
@@ -91,7 +77,7 @@ def open_gate(sock: socket.socket, gate_dir: Path, name: str) -> bytes:
 
 
 def finish(sock: socket.socket, first: bytes) -> bytes:
-    resp = parse_response(first + read_to_eof(sock))
+    resp = parse_response(first + read_until_closed(sock))
     assert resp.status == 200
     return resp.body
 
@@ -108,7 +94,7 @@ def test_spawn_bounds_the_connections_served_at_once(procs, tmp_path: Path) -> N
         assert silent(c), "a third connection was served with --spawn 2"
         (tmp_path / "a").touch()
         assert finish(a, first_a) == b"open\ndone\n"
-        resp = parse_response(read_to_eof(c))  # a slot is free: c is served now
+        resp = parse_response(read_until_closed(c))  # a slot is free: c is served now
         assert (resp.status, resp.body) == (200, b"hello")
         (tmp_path / "b").touch()
         assert finish(b, first_b) == b"open\ndone\n"
@@ -122,7 +108,7 @@ def test_monkey_patched_sleep_lets_others_be_served(procs, tmp_path: Path) -> No
     with connect(address) as gated, connect(address) as other:
         first = open_gate(gated, tmp_path, "go")  # the app sleeps in a loop on the gate
         send_get(other, "/")
-        resp = parse_response(read_to_eof(other))
+        resp = parse_response(read_until_closed(other))
         assert (resp.status, resp.body) == (200, b"hello")
         (tmp_path / "go").touch()
         assert finish(gated, first) == b"open\ndone\n"
@@ -136,7 +122,7 @@ def test_no_monkey_serves_and_a_blocking_app_blocks_the_hub(procs, tmp_path: Pat
         assert silent(other), "answered while the app blocked the only thread"
         (tmp_path / "go").touch()
         assert finish(gated, first) == b"open\ndone\n"
-        resp = parse_response(read_to_eof(other))
+        resp = parse_response(read_until_closed(other))
         assert (resp.status, resp.body) == (200, b"hello")
 
 
@@ -156,10 +142,10 @@ def test_sigterm_drains_while_the_hub_serves(procs, monkey: bool) -> None:
         busy.sendall(head + body[:1000])
         proc.send(signal.SIGTERM)
         proc.wait_for_output("SIGTERM: stopping", timeout=10)
-        assert read_to_eof(idle) == b"", "the idle keep-alive connection was not closed"
+        assert read_until_closed(idle) == b"", "the idle keep-alive connection was not closed"
         assert proc.popen.poll() is None, "exited with a request in flight"
         busy.sendall(body[1000:])
-        resp = parse_response(read_to_eof(busy))
+        resp = parse_response(read_until_closed(busy))
         assert resp.body == f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()
     assert proc.wait(15) == 0, proc.output()
     assert "all requests finished" in proc.output()
@@ -181,7 +167,7 @@ def test_sighup_restarts_in_place(procs) -> None:
 def _raw_get(address: tuple[str, int] | str, target: str) -> bytes:
     with connect(address) as sock:
         send_get(sock, target)
-        return read_to_eof(sock)
+        return read_until_closed(sock)
 
 
 # -- logs --
@@ -219,7 +205,7 @@ def test_tcp_environ(procs) -> None:
     _, address = start(procs)
     with connect(address) as sock:
         send_get(sock, "/environ?x=1")
-        env = json.loads(parse_response(read_to_eof(sock)).body)
+        env = json.loads(parse_response(read_until_closed(sock)).body)
         assert env["REMOTE_PORT"] == str(sock.getsockname()[1])
     assert env["REMOTE_ADDR"] == "127.0.0.1"
     assert env["SERVER_PORT"] == str(address[1])
@@ -234,7 +220,7 @@ def test_idle_connection_closed_after_timeout(procs) -> None:
     with connect(address) as sock:
         send_get(sock, "/", close=False)
         assert b"hello" in read_until(sock, b"hello")
-        assert read_to_eof(sock) == b""  # the 10 s socket timeout bounds this wait
+        assert read_until_closed(sock) == b""  # the 10 s socket timeout bounds this wait
 
 
 def test_serves_from_the_main_thread_alone(procs) -> None:
@@ -253,4 +239,4 @@ def test_limit_request_line(procs, length: int, status: int) -> None:
     assert len(line) == length
     with connect(address) as sock:
         sock.sendall(line.encode() + b"\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        assert parse_response(read_to_eof(sock)).status == status
+        assert parse_response(read_until_closed(sock)).status == status

@@ -25,10 +25,12 @@ from tests.conftest import (
     free_port,
     http_request,
     parse_response,
+    read_until,
+    read_until_closed,
     require_module,
     wait_http,
 )
-from tests.test_wsgiref import _server_socket_for, read_until, read_until_closed
+from tests.test_wsgiref import _server_socket_for
 
 require_module("gevent", "pip install 'chaussette[gevent]'")
 

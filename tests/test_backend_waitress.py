@@ -23,105 +23,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import (
-    HTTPResponse,
+    Conn,
     Proc,
-    dechunk,
     free_port,
     parse_response,
+    request_bytes,
     require_peer,
     wait_http,
 )
 
 APP = "tests.apps.conf_app:application"
 BACKEND = "waitress"
-
-
-class Conn:
-    """One client connection that reads responses by their framing."""
-
-    def __init__(
-        self, address: tuple[str, int] | str, timeout: float = 10, rcvbuf: int | None = None
-    ) -> None:
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            if rcvbuf:  # before connect, so that the TCP window is small from the start
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-            self.sock.settimeout(timeout)
-            self.sock.connect(address)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.buf = b""
-        self.received = 0
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def more(self) -> bool:
-        try:
-            data = self.sock.recv(262144)
-        except ConnectionResetError:
-            data = b""
-        self.received += len(data)
-        self.buf += data
-        return bool(data)
-
-    def read_until(self, marker: bytes) -> bytes:
-        for _ in range(100_000):
-            if marker in self.buf:
-                end = self.buf.index(marker) + len(marker)
-                out, self.buf = self.buf[:end], self.buf[end:]
-                return out
-            if not self.more():
-                break
-        raise AssertionError(f"closed before {marker!r}: {self.buf[:300]!r}")
-
-    def read_to_eof(self) -> bytes:
-        for _ in range(1_000_000):
-            if not self.more():
-                break
-        out, self.buf = self.buf, b""
-        return out
-
-    def response(self, head_only: bool = False) -> HTTPResponse:
-        resp = parse_response(self.read_until(b"\r\n\r\n"), head_only=True)
-        if head_only or resp.status in (204, 304):
-            return resp
-        if (resp.header("Transfer-Encoding") or "").lower() == "chunked":
-            self.read_until(b"\r\n0\r\n\r\n")  # the test bodies hold no such bytes
-            raw, self.buf = resp.raw + self.buf, b""
-            resp = parse_response(raw)
-            resp.body = dechunk(raw.partition(b"\r\n\r\n")[2])
-        elif resp.header("Content-Length") is not None:
-            size = int(resp.header("Content-Length") or 0)
-            while len(self.buf) < size:
-                assert self.more(), f"closed after {len(self.buf)} of {size} body bytes"
-            resp.body, self.buf = self.buf[:size], self.buf[size:]
-        else:
-            resp.body = self.read_to_eof()
-        return resp
-
-    def closed_by_server(self) -> bool:
-        """True when the server closes with nothing more sent (bounded by the timeout)."""
-        return self.read_to_eof() == b""
-
-
-def request_bytes(
-    method: str, target: str, *headers: str, body: bytes = b"", close: bool = True
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: localhost", *headers]
-    if close:
-        lines.append("Connection: close")
-    if body:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def chunked(pieces: list[bytes], trailer: bytes = b"") -> bytes:
@@ -330,11 +242,20 @@ def check_access_log(procs, backend: str, tmp_path: Path) -> None:
     fetch(srv.address, "GET", "/error")
     fetch(srv.address, "HEAD", "/big")
     assert srv.proc.stop() == 0
-    lines = logfile.read_text().splitlines()[-3:]  # after the readiness probe's
-    assert '"GET /?q=1 HTTP/1.1" 200 5 "http://r/" "probe/1"' in lines[0]
-    assert lines[0].startswith("127.0.0.1 - - [")
-    assert '"GET /error HTTP/1.1" 500 ' in lines[1]
-    assert '"HEAD /big HTTP/1.1" 200 ' in lines[2]
+    lines = logfile.read_text().splitlines()
+
+    def line_of(request: str) -> str:
+        # by content, not position: a line is written after its response went out, so
+        # the next request's line can come first
+        found = [line for line in lines if f'"{request} HTTP/1.1"' in line]
+        assert len(found) == 1, lines
+        return found[0]
+
+    first = line_of("GET /?q=1")
+    assert '"GET /?q=1 HTTP/1.1" 200 5 "http://r/" "probe/1"' in first
+    assert first.startswith("127.0.0.1 - - [")
+    assert '"GET /error HTTP/1.1" 500 ' in line_of("GET /error")
+    assert '"HEAD /big HTTP/1.1" 200 ' in line_of("HEAD /big")
     assert "HTTP/1.1" not in srv.log()  # nothing of it in the main log
 
 

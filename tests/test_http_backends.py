@@ -48,12 +48,14 @@ from chaussette.backends.registry import BackendInfo
 from tests.apps.http_app import pattern
 from tests.conftest import (
     REQUIRE_PEERS,
+    Conn,
     HTTPResponse,
     Proc,
     chaussette_cmd,
     dechunk,
     free_port,
     parse_response,
+    request_bytes,
     wait_http,
 )
 from tests.test_wsgiref import _server_socket_for
@@ -206,109 +208,6 @@ def srv(server: Running) -> Iterator[Running]:
         assert bad not in new, new
     if not server.errors_expected:
         assert "Traceback" not in new, new
-
-
-# -- a client that reads responses by their framing --
-
-
-class Cut(AssertionError):
-    """The server closed the connection before the response was complete."""
-
-
-class Conn:
-    def __init__(self, address: tuple[str, int] | str, timeout: float = 10) -> None:
-        family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(address)
-        except BaseException:
-            self.sock.close()
-            raise
-        self.buf = b""
-        self.received = 0  # bytes read from the socket so far
-
-    def __enter__(self) -> Conn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def more(self, size: int = 262144) -> bool:
-        try:
-            data = self.sock.recv(size)
-        except ConnectionResetError:
-            data = b""
-        self.received += len(data)
-        self.buf += data
-        return bool(data)
-
-    def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            if not self.more():
-                raise Cut(f"closed before {marker!r}: {self.buf[:300]!r}")
-        end = self.buf.index(marker) + len(marker)
-        out, self.buf = self.buf[:end], self.buf[end:]
-        return out
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self.more():
-                raise Cut(f"closed after {len(self.buf)} of {n} bytes")
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_to_eof(self) -> bytes:
-        while self.more():
-            pass
-        out, self.buf = self.buf, b""
-        return out
-
-    def response(self, head_only: bool = False) -> HTTPResponse:
-        head = self.read_until(b"\r\n\r\n")
-        resp = parse_response(head, head_only=True)
-        coding = (resp.header("Transfer-Encoding") or "").lower()
-        if head_only or resp.status in (204, 304):
-            body = b""
-        elif coding == "chunked":
-            body = self._chunked()
-        elif resp.header("Content-Length") is not None:
-            body = self.read_exact(int(resp.header("Content-Length") or 0))
-        else:
-            body = self.read_to_eof()
-        resp.body = body
-        return resp
-
-    def _chunked(self) -> bytes:
-        pieces = []
-        for _ in range(1_000_000):
-            size = int(self.read_until(b"\r\n").split(b";")[0].strip(), 16)
-            if size == 0:
-                while self.read_until(b"\r\n") != b"\r\n":  # trailer fields
-                    pass
-                return b"".join(pieces)
-            pieces.append(self.read_exact(size))
-            if self.read_exact(2) != b"\r\n":
-                raise AssertionError("no CRLF after a chunk")
-        raise AssertionError("too many chunks")
-
-    def closed_by_server(self) -> bool:
-        """True when the server closes with nothing more sent (bounded by the timeout)."""
-        return self.read_to_eof() == b""
-
-
-def request_bytes(
-    method: str, target: str, *headers: str, body: bytes = b"", close: bool = True
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: localhost", *headers]
-    if close:
-        lines.append("Connection: close")
-    if body and not any(h.lower().startswith("transfer-encoding") for h in headers):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def fetch(srv: Running, method: str, target: str, *headers: str, body: bytes = b"") -> HTTPResponse:

@@ -42,6 +42,8 @@ from tests.conftest import (
     free_port,
     http_request,
     parse_response,
+    read_until,
+    read_until_closed,
     wait_http,
 )
 
@@ -129,28 +131,6 @@ def srv(server: Server) -> Iterator[Server]:
 
 
 # -- raw HTTP helpers --
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            data = sock.recv(262144)
-        except ConnectionResetError:
-            data = b""
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
-    """Read until ``marker`` is in the bytes (the socket timeout bounds every wait)."""
-    while marker not in data:
-        more = sock.recv(65536)
-        if not more:
-            raise AssertionError(f"closed before {marker!r}: {data[:300]!r}")
-        data += more
-    return data
 
 
 def exchange(
