@@ -83,9 +83,11 @@ class Signals:
         for signum in signums:
             self._previous[signum] = signal.signal(signum, self._record)
 
-    def restore(self) -> None:
+    def restore(self, ignore: Iterable[int] = ()) -> None:
+        """Put the previous handlers back, except for ``ignore``: those are ignored from
+        now on (a stopping process must not die of a manager's second SIGTERM)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+            signal.signal(signum, signal.SIG_IGN if signum in ignore else handler)  # type: ignore[arg-type]
         self._previous.clear()
         signal.set_wakeup_fd(self._previous_fd)
         self._closed = True
@@ -135,6 +137,13 @@ def _early_signals() -> Signals | None:
 
 
 _early: Signals | None = _early_signals()
+
+
+def adopt(signals: Signals) -> None:
+    """Hand signals recorded since before the app was imported (a forked worker installs
+    them first thing) to the next ``serve``."""
+    global _early
+    _early = signals
 
 
 def _name(event: int | str) -> str:
@@ -194,7 +203,7 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
     finally:
         if watcher is not None:
             watcher.set()
-        signals.restore()
+        signals.restore(ignore=(signal.SIGTERM,))
 
 
 def drain(

@@ -259,7 +259,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "backend",
         ("--backend",),
-        "Server library (http) or concurrency engine (other protocols); see --backends.",
+        "Server library (http) or concurrency engine (other protocols); see --backends. "
+        "Default: wsgiref for http, threads for the other protocols.",
         "Server",
         default="wsgiref",
     ),
@@ -317,6 +318,67 @@ OPTIONS: tuple[Option, ...] = (
         default=65536,
         convert=positive_int,
         metavar="BYTES",
+    ),
+    # FastCGI / SCGI (our own protocol servers)
+    Option(
+        "max_conns",
+        ("--max-conns",),
+        "FastCGI/SCGI: most connections served at once (FCGI_MAX_CONNS); "
+        "at the bound, new connections wait in the listen queue.",
+        "Protocols",
+        default=1024,
+        convert=positive_int,
+        metavar="N",
+    ),
+    Option(
+        "max_reqs",
+        ("--max-reqs",),
+        "FastCGI: most requests served at once over all connections (FCGI_MAX_REQS); "
+        "a request beyond it is answered FCGI_OVERLOADED.",
+        "Protocols",
+        default=1024,
+        convert=positive_int,
+        metavar="N",
+    ),
+    Option(
+        "max_params_size",
+        ("--max-params-size",),
+        "FastCGI/SCGI: most bytes of request parameters (the CGI environment) accepted "
+        "for one request; more closes the connection.",
+        "Protocols",
+        default=65536,
+        convert=positive_int,
+        metavar="BYTES",
+    ),
+    Option(
+        "request_model",
+        ("--request-model",),
+        "FastCGI/SCGI on --backend threads: 'free[:max=N,timeout=T]' (a thread per request, "
+        "at most N; at the bound no new request is read), 'rplex' (app calls in threads, "
+        "responses written by one thread) or 'single' (one request at a time).",
+        "Protocols",
+        default="free",
+        metavar="MODEL",
+    ),
+    Option(
+        "raw_handler",
+        ("--raw-handler",),
+        "FastCGI/SCGI: APP is a raw request handler, called with a request that has "
+        "environ, stdin, stdout and stderr, instead of a WSGI application.",
+        "Protocols",
+        default=False,
+        convert=to_bool,
+        switch=True,
+    ),
+    # Processes
+    Option(
+        "workers",
+        ("--workers",),
+        "Fork N worker processes after the socket is bound, replace one that dies and stop "
+        "them all gracefully on SIGTERM (for running without a process manager).",
+        "Processes",
+        convert=positive_int,
+        metavar="N",
     ),
     # Lifecycle
     Option(
@@ -411,6 +473,10 @@ class Settings:
         self.values: dict[str, Any] = {opt.name: opt.default for opt in OPTIONS}
         self.values.update(values)
         self.explicit: frozenset[str] = frozenset(values)
+        if "backend" not in values:
+            from chaussette.backends import registry
+
+            self.values["backend"] = registry.default_backend(self.values["protocol"])
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -568,6 +634,72 @@ def check(settings: Settings) -> None:
             f"--backend {settings.backend} cannot serve a unix socket "
             f"(--host {host}); use a TCP host or another backend"
         )
+    _check_protocol_options(settings)
+
+
+OWN_PROTOCOLS = ("fastcgi", "scgi")  # the protocols chaussette's own drivers speak
+REQUEST_MODELS = ("free", "rplex", "single")
+REQUEST_MODEL_SYNTAX = "free[:max=N,timeout=SECONDS], rplex or single"
+
+
+@dataclass(frozen=True)
+class RequestModel:
+    """A parsed --request-model: how the threads engine runs requests."""
+
+    kind: str  # "free", "rplex" or "single"
+    max: int | None = None  # free: most requests at once (None: --threads)
+    timeout: float | None = None  # free: seconds an idle thread is kept (None: the default)
+
+
+def parse_request_model(text: str) -> RequestModel:
+    """``free[:max=N,timeout=T]``, ``rplex`` or ``single``; ValueError naming the problem."""
+    kind, sep, rest = text.strip().partition(":")
+    if kind not in REQUEST_MODELS:
+        raise ValueError(f"unknown model {kind!r}; expected {REQUEST_MODEL_SYNTAX}")
+    if not sep:
+        return RequestModel(kind)
+    if kind != "free":
+        raise ValueError(f"{kind!r} takes no parameters; expected {REQUEST_MODEL_SYNTAX}")
+    values: dict[str, str] = {}
+    for item in rest.split(","):
+        name, eq, value = item.strip().partition("=")
+        if not eq or name not in ("max", "timeout") or name in values:
+            raise ValueError(f"bad parameter {item.strip()!r}; expected {REQUEST_MODEL_SYNTAX}")
+        values[name] = value.strip()
+    try:
+        most = positive_int(values["max"]) if "max" in values else None
+        idle = positive_float(values["timeout"]) if "timeout" in values else None
+    except ValueError as exc:
+        raise ValueError(f"{text.strip()!r}: {exc}") from None
+    return RequestModel(kind, most, idle)
+
+
+def _check_protocol_options(settings: Settings) -> None:
+    """The options of chaussette's own FastCGI/SCGI servers, against protocol and backend."""
+    given = settings.explicit
+    protocol, backend = settings.protocol, settings.backend
+    for name in ("max_conns", "max_params_size", "raw_handler"):
+        if name in given and protocol not in OWN_PROTOCOLS:
+            raise UsageError(
+                f"{BY_NAME[name].flags[0]} applies to --protocol fastcgi or scgi, "
+                f"not --protocol {protocol}"
+            )
+    if "max_reqs" in given and protocol != "fastcgi":
+        hint = " (an SCGI connection carries one request: use --max-conns)"
+        raise UsageError(
+            f"--max-reqs applies to --protocol fastcgi, not --protocol {protocol}"
+            + (hint if protocol == "scgi" else "")
+        )
+    if "request_model" in given:
+        if protocol not in OWN_PROTOCOLS or backend != "threads":
+            raise UsageError(
+                "--request-model applies to --backend threads of --protocol fastcgi or scgi, "
+                f"not --protocol {protocol} --backend {backend}"
+            )
+        try:
+            parse_request_model(settings.request_model)
+        except ValueError as exc:
+            raise UsageError(f"--request-model {settings.request_model}: {exc}") from None
 
 
 def _is_address(family: socket.AddressFamily, host: str) -> bool:

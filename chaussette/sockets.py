@@ -50,14 +50,16 @@ class Listener:
     def is_unix(self) -> bool:
         return self.sock.family == socket.AF_UNIX
 
-    def describe(self) -> str:
+    def describe(self, protocol: str = "http") -> str:
+        """Where we listen, as a URL of ``protocol`` (``http://127.0.0.1:8080``,
+        ``fastcgi://[::1]:9000``) or ``unix:/path``, with the fd and where it came from."""
         name = self.sock.getsockname()
         if self.is_unix:
             where = f"unix:{_unix_name(name)}"
         elif self.sock.family == socket.AF_INET6:
-            where = f"http://[{name[0]}]:{name[1]}"
+            where = f"{protocol}://[{name[0]}]:{name[1]}"
         else:
-            where = f"http://{name[0]}:{name[1]}"
+            where = f"{protocol}://{name[0]}:{name[1]}"
         fd = self.sock.fileno()
         return f"{where} (fd {fd}, {self.origin})"
 

@@ -180,14 +180,25 @@ class BodyReader:
             yield line
 
 
+# Statuses and header names already found valid (bounded: an app making up new ones each
+# time only misses the cache). A hit skips the checks; hop-by-hop names are never cached.
+_CACHE_SIZE = 512
+_good_statuses: dict[str, int] = {}
+_good_names: dict[str, bool] = {}  # valid, non-hop-by-hop name -> it is Content-Length
+
+
 def check_status(status: object) -> int:
+    if type(status) is str:
+        code = _good_statuses.get(status)
+        if code is not None:
+            return code
     if not isinstance(status, str):
         raise TypeError(f"status must be a str, got {type(status).__name__}")
-    code, _, reason = status.partition(" ")
+    code_text, _, reason = status.partition(" ")
     if (
-        len(code) != 3
-        or not (code.isascii() and code.isdigit())
-        or code[0] == "0"
+        len(code_text) != 3
+        or not (code_text.isascii() and code_text.isdigit())
+        or code_text[0] == "0"
         or not reason
         or any(c in reason for c in "\r\n\0")
     ):
@@ -196,31 +207,78 @@ def check_status(status: object) -> int:
         reason.encode("latin-1")
     except UnicodeEncodeError:
         raise ValueError(f"status not encodable as latin-1: {status!r}") from None
-    return int(code)
+    code = int(code_text)
+    if type(status) is str and len(_good_statuses) < _CACHE_SIZE:
+        _good_statuses[status] = code
+    return code
 
 
-def check_headers(headers: object) -> list[tuple[str, str]]:
-    """The app's headers, checked; returns a copy the server may extend."""
+def _check_name(name: str) -> bool:
+    """Check a header name not seen yet; True when it is Content-Length."""
+    try:
+        raw_name = name.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header name not encodable as latin-1: {name!r}") from None
+    if not raw_name or not set(raw_name) <= _TOKEN_CHARS:
+        raise ValueError(f"invalid header name {name!r}")
+    lower = name.lower()
+    if lower in HOP_BY_HOP:
+        raise ValueError(f"hop-by-hop header {name!r} is the server's to set")
+    is_length = lower == "content-length"
+    if len(_good_names) < _CACHE_SIZE:
+        _good_names[name] = is_length
+    return is_length
+
+
+def _check_value(name: str, value: str) -> None:
+    """The slow check of a header value that is not plain printable ASCII."""
+    try:
+        raw_value = value.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError(f"header value of {name!r} not encodable as latin-1") from None
+    if b"\r" in raw_value or b"\n" in raw_value or b"\0" in raw_value:
+        raise ValueError(f"header value of {name!r} contains CR, LF or NUL")
+
+
+def checked_headers(headers: object) -> tuple[list[tuple[str, str]], int | None]:
+    """The app's headers, checked: a copy the server may extend, and the Content-Length
+    they declare (None if none). TypeError/ValueError on anything PEP 3333 forbids."""
     if type(headers) is not list:
         raise TypeError(f"headers must be a list, got {type(headers).__name__}")
+    names = _good_names
+    length_text: str | None = None
+    conflict = False
     for item in headers:
         if type(item) is not tuple or len(item) != 2:
             raise TypeError(f"each header must be a (name, value) tuple, got {item!r}")
         name, value = item
         if type(name) is not str or type(value) is not str:
             raise TypeError(f"header names and values must be str, got {item!r}")
-        try:
-            raw_name, raw_value = name.encode("latin-1"), value.encode("latin-1")
-        except UnicodeEncodeError:
-            raise ValueError(f"header not encodable as latin-1: {item!r}") from None
-        if not raw_name or not set(raw_name) <= _TOKEN_CHARS:
-            raise ValueError(f"invalid header name {name!r}")
-        if b"\r" in raw_value or b"\n" in raw_value or b"\0" in raw_value:
-            raise ValueError(f"header value of {name!r} contains CR, LF or NUL")
-        if name.lower() in HOP_BY_HOP:
-            raise ValueError(f"hop-by-hop header {name!r} is the server's to set")
-    declared_length(headers)
-    return list(headers)
+        is_length = names.get(name)
+        if is_length is None:
+            is_length = _check_name(name)
+        # printable ASCII has no CR, LF or NUL and is latin-1 (a tab is not printable)
+        if not (value.isascii() and value.isprintable()):
+            _check_value(name, value)
+        if is_length:
+            value = value.strip()
+            if length_text is None:
+                length_text = value
+            elif value != length_text:
+                conflict = True
+    if length_text is None:
+        return list(headers), None
+    if conflict:
+        values = sorted({v.strip() for n, v in headers if n.lower() == "content-length"})
+        raise ValueError(f"conflicting Content-Length headers: {values}")
+    if not (length_text.isascii() and length_text.isdigit()):
+        raise ValueError(f"Content-Length must be a non-negative integer, got {length_text!r}")
+    return list(headers), int(length_text)
+
+
+def check_headers(headers: object) -> list[tuple[str, str]]:
+    """The app's headers, checked; returns a copy the server may extend."""
+    return checked_headers(headers)[0]
 
 
 def declared_length(headers: list[tuple[str, str]]) -> int | None:
@@ -266,8 +324,7 @@ class Response:
         elif self.status is not None:
             raise AssertionError("start_response called a second time without exc_info")
         code = check_status(status)
-        self.headers = check_headers(headers)
-        self.length = declared_length(self.headers)
+        self.headers, self.length = checked_headers(headers)
         self.status, self.status_code = status, code
         return self.write
 

@@ -171,6 +171,70 @@ BACKENDS: tuple[BackendInfo, ...] = (
 )
 
 
+def _own(protocol: str, engine: str, summary: str, **kw: object) -> BackendInfo:
+    """A pair served by chaussette's own protocol core on a concurrency engine."""
+    server = "FastCGIServer" if protocol == "fastcgi" else "SCGIServer"
+    target = f"chaussette.drivers.{engine}:{server}"
+    return BackendInfo(engine, protocol, target, summary, **kw)  # type: ignore[arg-type]
+
+
+# chaussette's own FastCGI and SCGI servers: the backend names the concurrency engine.
+BACKENDS += (
+    _own(
+        "fastcgi",
+        "threads",
+        "chaussette's FastCGI on kept worker threads (--threads), multiplexing; "
+        "--request-model free[:max=N,timeout=T], rplex or single",
+        threads=True,
+    ),
+    _own(
+        "fastcgi",
+        "gevent",
+        "chaussette's FastCGI on gevent, a greenlet per request (--spawn), multiplexing",
+        requires=("gevent",),
+        extra="gevent",
+        pool=True,
+        monkey=True,
+    ),
+    _own(
+        "fastcgi",
+        "eventlet",
+        "chaussette's FastCGI on eventlet, a green thread per request (--spawn), multiplexing",
+        requires=("eventlet",),
+        extra="eventlet",
+        pool=True,
+        monkey=True,
+    ),
+    _own(
+        "scgi",
+        "threads",
+        "chaussette's SCGI on kept worker threads (--threads); --request-model",
+        threads=True,
+        keepalive=False,
+    ),
+    _own(
+        "scgi",
+        "gevent",
+        "chaussette's SCGI on gevent, a greenlet per connection (--spawn)",
+        requires=("gevent",),
+        extra="gevent",
+        pool=True,
+        monkey=True,
+        keepalive=False,
+    ),
+    _own(
+        "scgi",
+        "eventlet",
+        "chaussette's SCGI on eventlet, a green thread per connection (--spawn)",
+        requires=("eventlet",),
+        extra="eventlet",
+        pool=True,
+        monkey=True,
+        keepalive=False,
+    ),
+)
+
+
 ENTRY_POINT_GROUP = "chaussette.backends"
 _plugins: tuple[BackendInfo, ...] | None = None
 _plugin_errors: dict[str, str] = {}
@@ -208,6 +272,18 @@ def all_backends() -> tuple[BackendInfo, ...]:
 
 def protocols() -> tuple[str, ...]:
     return tuple(dict.fromkeys(b.protocol for b in all_backends()))
+
+
+DEFAULT_BACKEND = "wsgiref"
+
+
+def default_backend(protocol: str) -> str:
+    """The backend used when none is named: wsgiref for http, else the first one the
+    registry lists for the protocol (threads: no dependency)."""
+    speaking = [b.name for b in all_backends() if b.protocol == protocol]
+    if not speaking or DEFAULT_BACKEND in speaking:
+        return DEFAULT_BACKEND  # an unknown protocol is reported by the checks
+    return speaking[0]
 
 
 def lookup(protocol: str, backend: str) -> BackendInfo:

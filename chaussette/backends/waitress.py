@@ -77,18 +77,14 @@ def _classes(max_line: int, unix_path: str | None, draining: threading.Event) ->
     class Parser(HTTPRequestParser):  # type: ignore[misc]
         error: Any
         completed: bool
-        headers_finished: bool
+        first_line: bytes
 
-        def received(self, data: bytes) -> int:
-            consumed: int = super().received(data)
-            if (
-                self.headers_finished
-                and self.error is None
-                and len(getattr(self, "first_line", b"")) > max_line
-            ):
+        def parse_header(self, header_plus: bytes) -> None:
+            # once per request (received() is called for every 8 KiB of a body)
+            super().parse_header(header_plus)
+            if len(self.first_line) > max_line:
                 self.error = URITooLong(f"request line longer than {max_line} bytes")
                 self.completed = True
-            return consumed
 
     class Logged:
         """One access line per response (only when chaussette.access is on)."""
@@ -172,7 +168,19 @@ def _classes(max_line: int, unix_path: str | None, draining: threading.Event) ->
         def write(self, data: bytes) -> None:
             if data and self.request.command == "HEAD":
                 data = b""  # waitress would send a HEAD response's body (RFC 9110: never)
-            super().write(data)
+            if self.wrote_header or not data:
+                super().write(data)
+                return
+            # waitress sends the head, then the first piece of the body: two sends, two
+            # TCP segments (TCP_NODELAY). Both are ready now: they go out as one.
+            channel = self.channel
+            channel.held = []
+            try:
+                super().write(data)
+            finally:
+                held, channel.held = channel.held, None
+            if held:
+                HTTPChannel.write_soon(channel, held[0] if len(held) == 1 else b"".join(held))
 
         def finish(self) -> None:
             if self.request.command == "HEAD":
@@ -204,6 +212,14 @@ def _classes(max_line: int, unix_path: str | None, draining: threading.Event) ->
         parser_class = Parser
         task_class = Task
         error_task_class = LoggedErrorTask
+        held: list[bytes] | None = None  # a response's head, while its task holds it
+
+        def write_soon(self, data: Any) -> int:
+            held = self.held
+            if held is None or type(data) is not bytes:
+                return super().write_soon(data)  # type: ignore[no-any-return]
+            held.append(data)
+            return len(data)
 
     return Channel
 

@@ -1,0 +1,172 @@
+"""FastCGI and SCGI on gevent: a greenlet per connection, a greenlet per request.
+
+Requests run in a ``gevent.pool.Pool`` of ``--spawn`` greenlets (default 1000); when it is
+full the connection readers wait, reading no new request. Connections are bounded by
+``--max-conns`` (SCGI: also by ``--spawn``). The standard library is monkey-patched before
+the app is imported unless ``--no-monkey``, as the gevent HTTP backend does; the listener is
+served through a gevent socket on a duplicate of its descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.select
+import gevent.socket
+
+from chaussette.backends.gevent import GreenServer, _route_hub_errors
+from chaussette.drivers.engine import (
+    RETRY_ACCEPT,
+    Acceptor,
+    Engine,
+    FdWatcher,
+    Flag,
+    Handler,
+    Pool,
+)
+from chaussette.drivers.fastcgi import FastCGIConnection
+from chaussette.drivers.scgi import SCGIConnection
+from chaussette.drivers.server import ProtocolServer, log
+
+if TYPE_CHECKING:
+    from chaussette.settings import Settings
+
+
+class GeventPool:
+    """At most ``size`` greenlets at once; ``submit`` waits for a place."""
+
+    def __init__(self, size: int) -> None:
+        self.sem = gevent.lock.BoundedSemaphore(size)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.sem.acquire()
+        gevent.spawn(self._run, fn, args)
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        finally:
+            self.sem.release()
+
+    def wait_available(self, timeout: float | None = None) -> bool:
+        return bool(self.sem.wait(timeout))
+
+    def acquire(self) -> None:
+        self.sem.acquire()
+
+    def release(self) -> None:
+        self.sem.release()
+
+    def close(self) -> None:
+        return
+
+
+class GeventWatcher:
+    """The hub's own I/O watchers: a callback in the hub when a descriptor is readable.
+
+    A connection gives back its previous watcher (``reuse``): making one per request costs
+    an ``fcntl`` (libev checks the descriptor) and an object; starting a stopped one is
+    free. A stopped watcher is dropped with its connection."""
+
+    def __init__(self) -> None:
+        self.loop = gevent.get_hub().loop
+
+    def watch(self, fd: int, callback: Callable[[], None], reuse: Any = None) -> Any:
+        io = reuse if reuse is not None else self.loop.io(fd, 1)
+        io.start(self._fire, io, callback)
+        return io
+
+    @staticmethod
+    def _fire(io: Any, callback: Callable[[], None]) -> None:
+        io.stop()
+        callback()
+
+    def unwatch(self, io: Any) -> None:
+        io.stop()
+
+
+class GeventAcceptor:
+    def __init__(self, sock: socket.socket, pool: Pool, handle: Handler) -> None:
+        self.sock = gevent.socket.socket(fileno=os.dup(sock.fileno()))
+        self.pool = pool
+        self.handle = handle
+        self.greenlet = gevent.spawn(self._loop)
+
+    def stop(self) -> None:
+        self.greenlet.kill()
+        self.sock.close()
+
+    def _loop(self) -> None:
+        while True:
+            self.pool.wait_available()
+            try:
+                conn, addr = self.sock.accept()
+            except OSError as exc:
+                if exc.errno in RETRY_ACCEPT:
+                    log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
+                    gevent.sleep(0.1)
+                elif exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
+                    log.error("accept failed: %s", exc)
+                continue
+            self.pool.submit(self.handle, conn, addr)
+
+
+class GeventEngine(Engine):
+    name = "gevent"
+    multithread = False
+    cooperative = True
+
+    def flag(self) -> Flag:
+        event: Flag = gevent.event.Event()
+        return event
+
+    def lock(self) -> AbstractContextManager[Any]:
+        lock: AbstractContextManager[Any] = gevent.lock.Semaphore(1)
+        return lock
+
+    def pool(self, size: int, idle_timeout: float | None, name: str) -> Pool:
+        return GeventPool(size)
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        gevent.spawn(fn, *args)
+
+    def sleep(self, seconds: float) -> None:
+        gevent.sleep(seconds)
+
+    def start_acceptor(self, sock: socket.socket, pool: Pool, handle: Handler) -> Acceptor:
+        _route_hub_errors(gevent.get_hub())
+        return GeventAcceptor(sock, pool, handle)
+
+    def wait_readable(self, fd: int, timeout: float | None) -> None:
+        gevent.select.select([fd], [], [], timeout)
+
+    def watcher(self) -> FdWatcher | None:
+        return GeventWatcher()
+
+
+class _GeventServer(ProtocolServer):
+    engine_class = GeventEngine
+
+    @classmethod
+    def prepare(cls, settings: Settings) -> None:
+        GreenServer.prepare(settings)  # the same monkey-patching as the HTTP backend
+
+
+class FastCGIServer(_GeventServer):
+    protocol = "fastcgi"
+    connection = FastCGIConnection
+    multiplexing = True
+
+
+class SCGIServer(_GeventServer):
+    protocol = "scgi"
+    connection = SCGIConnection
+    multiplexing = False
