@@ -12,7 +12,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from chaussette import __version__, apps, lifecycle, logs, prefork, sockets
+from chaussette import __version__, apps, lifecycle, logs, middleware, prefork, sockets
 from chaussette.backends import registry
 from chaussette.errors import (
     EXIT_RUNTIME,
@@ -97,7 +97,7 @@ def start(
     if pre_hook is not None:
         call_hook(settings, "pre_hook", pre_hook)
     post_hook = load_hook(settings, "post_hook")  # a typo is reported now, not at the end
-    listener = sockets.get_listener(settings)
+    listener = sockets.get_listener(settings) if info.listens else sockets.outbound(settings)
     try:
         if settings.workers:
 
@@ -134,6 +134,8 @@ def serve(
     """Load the app (unless given) and serve it on ``listener`` until told to stop."""
     if app is None:
         app = apps.load_app(settings.app, settings.args, settings.mod_wsgi)
+    if settings.middleware:
+        app = middleware.wrap(app, settings.middleware)
     server = server_class(app, listener, settings)
     log.info(
         "chaussette %s (pid %d): serving %s on %s with backend %s (%s)",

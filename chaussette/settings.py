@@ -71,6 +71,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def name_list(text: str) -> list[str]:
+    """``"gzip, buffer"`` -> ``["gzip", "buffer"]``."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise ValueError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def octal_mode(text: str) -> int:
     try:
         value = int(text, 8)
@@ -259,8 +267,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "backend",
         ("--backend",),
-        "Server library (http) or concurrency engine (other protocols); see --backends. "
-        "Default: wsgiref for http, threads for the other protocols.",
+        "Server library for http, or concurrency engine for chaussette's own protocols "
+        "(threads unless named); see --backends.",
         "Server",
         default="wsgiref",
     ),
@@ -319,6 +327,18 @@ OPTIONS: tuple[Option, ...] = (
         convert=positive_int,
         metavar="BYTES",
     ),
+    Option(
+        "middleware",
+        ("--middleware",),
+        "Wrap the application in WSGI middleware: a short name from chaussette.middleware "
+        "(gzip, buffer) or a dotted path to a callable taking the app; comma-separated and repeatable; the first "
+        "named is the outermost.",
+        "Server",
+        many=True,
+        default=(),
+        convert=name_list,
+        metavar="NAME",
+    ),
     # FastCGI / SCGI (our own protocol servers)
     Option(
         "max_conns",
@@ -369,6 +389,50 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
         convert=to_bool,
         switch=True,
+    ),
+    # Mongrel2 (handlers connect out over ZeroMQ: no listening socket)
+    Option(
+        "zeromq",
+        ("--zeromq",),
+        "Mongrel2: the handler's ZeroMQ endpoints, SEND_SPEC[,RECV_SPEC] as in the handler's "
+        "send_spec and recv_spec (tcp://host:port or ipc://path; an identity as "
+        "tcp://IDENT@host:port). Without RECV_SPEC, the next port down from SEND_SPEC's. "
+        "Replaces --host, --port and --fd.",
+        "Mongrel2",
+        metavar="SEND_SPEC[,RECV_SPEC]",
+    ),
+    Option(
+        "m2_config",
+        ("--m2-config",),
+        "Mongrel2: read the handler's endpoints from Mongrel2's config database "
+        "(config.sqlite, as written by m2sh load) instead of --zeromq.",
+        "Mongrel2",
+        metavar="PATH",
+    ),
+    Option(
+        "m2_handler",
+        ("--m2-handler",),
+        "Mongrel2: which handler of --m2-config to serve: its send_ident, a route (/app), "
+        "a host and route (example.com/app) or a host name. Needed when the database has "
+        "more than one handler.",
+        "Mongrel2",
+        metavar="SELECTOR",
+    ),
+    Option(
+        "m2_identity",
+        ("--m2-identity",),
+        "Mongrel2: the ZeroMQ identity of this handler's sockets (one per process).",
+        "Mongrel2",
+        metavar="IDENT",
+    ),
+    Option(
+        "upload_dir",
+        ("--upload-dir",),
+        "Mongrel2: the only directory async uploads (bodies Mongrel2 spools to a file) are "
+        "read from and deleted in. Default with --m2-config: the directory of Mongrel2's "
+        "upload.temp_store; without it, uploads are refused with 400 unless this is set.",
+        "Mongrel2",
+        metavar="PATH",
     ),
     # Processes
     Option(
@@ -635,6 +699,7 @@ def check(settings: Settings) -> None:
             f"(--host {host}); use a TCP host or another backend"
         )
     _check_protocol_options(settings)
+    _check_mongrel2(settings)
 
 
 OWN_PROTOCOLS = ("fastcgi", "scgi")  # the protocols chaussette's own drivers speak
@@ -700,6 +765,53 @@ def _check_protocol_options(settings: Settings) -> None:
             parse_request_model(settings.request_model)
         except ValueError as exc:
             raise UsageError(f"--request-model {settings.request_model}: {exc}") from None
+
+
+MONGREL2_OPTIONS = ("zeromq", "m2_config", "m2_handler", "m2_identity", "upload_dir")
+_LISTEN_OPTIONS = ("host", "port", "fd", "address_family", "socket_mode", "backlog")
+
+
+def _check_mongrel2(settings: Settings) -> None:
+    """--protocol mongrel2 connects out over ZeroMQ: its options, and no listening socket."""
+    given = settings.explicit
+    if settings.protocol != "mongrel2":
+        for name in MONGREL2_OPTIONS:
+            if name in given:
+                raise UsageError(
+                    f"{BY_NAME[name].flags[0]} applies to --protocol mongrel2, "
+                    f"not --protocol {settings.protocol}"
+                )
+        return
+    for name in _LISTEN_OPTIONS:
+        if name in given:
+            raise UsageError(
+                f"{BY_NAME[name].flags[0]} {settings.values[name]} does not apply to "
+                "--protocol mongrel2: a Mongrel2 handler listens on nothing, it connects to "
+                "Mongrel2 (--zeromq or --m2-config)"
+            )
+    if settings.zeromq and settings.m2_config:
+        raise UsageError(
+            "--zeromq and --m2-config cannot be used together: the endpoints come from one"
+        )
+    if not settings.zeromq and not settings.m2_config:
+        raise UsageError(
+            "--protocol mongrel2 needs the handler's endpoints: --zeromq SEND_SPEC[,RECV_SPEC] "
+            "or --m2-config config.sqlite"
+        )
+    if settings.m2_handler and not settings.m2_config:
+        raise UsageError("--m2-handler picks a handler of --m2-config; give --m2-config too")
+    if settings.zeromq:
+        from chaussette.drivers.m2config import parse_zeromq  # stdlib only
+
+        try:
+            endpoints = parse_zeromq(settings.zeromq)
+        except ValueError as exc:
+            raise UsageError(f"--zeromq {settings.zeromq}: {exc}") from None
+        if endpoints.identity and settings.m2_identity:
+            raise UsageError(
+                f"--zeromq {settings.zeromq} names an identity and so does --m2-identity: "
+                "give it once"
+            )
 
 
 def _is_address(family: socket.AddressFamily, host: str) -> bool:

@@ -94,6 +94,41 @@ class Listener:
             os.environ[REEXEC_OWNED] = f"{dev}:{ino}:{self.owned_path}"
 
 
+class Outbound(Listener):
+    """No listening socket: the protocol's handler connects out to its server (Mongrel2 over
+    ZeroMQ). Nothing to hand over on a re-exec and nothing to close: the new image connects
+    again."""
+
+    def __init__(self, where: str) -> None:  # the dataclass fields, without a socket
+        self.origin = "connecting out"
+        self.where = where
+        self.owned_path = None
+        self.owned_id = None
+
+    @property
+    def is_unix(self) -> bool:
+        return False
+
+    def describe(self, protocol: str = "http") -> str:
+        return f"{self.where} ({self.origin})"
+
+    def unix_path(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        return
+
+    def hand_over(self) -> None:
+        return
+
+
+def outbound(settings: Settings) -> Outbound:
+    """The stand-in listener of a protocol that listens on nothing (``--zeromq``)."""
+    if settings.zeromq:
+        return Outbound(f"{settings.protocol} --zeromq {settings.zeromq}")
+    return Outbound(f"{settings.protocol} --m2-config {settings.m2_config}")
+
+
 def _unix_name(name: str | bytes) -> str:
     if isinstance(name, bytes):  # the abstract namespace: shown as @name, like ss(8) does
         return "@" + name[1:].decode(errors="backslashreplace") if name else "(unnamed)"

@@ -393,7 +393,10 @@ class Response:
             )
             self._sink_call(self.sink.abort)
         else:
-            self._sink_call(self.sink.finish)
+            try:
+                self.sink.finish()
+            except OSError as exc:
+                raise ClientGone(str(exc)) from exc
 
     def _short(self) -> bool:
         """True when the body is shorter than the app's Content-Length said it would be."""
@@ -452,7 +455,10 @@ class Response:
             self.headers.append(("Content-Length", str(len(body))))
             self.length = len(body)
         self.headers_sent = True
-        self._sink_call(self.sink.send_headers, self.status, self.headers, body)
+        try:
+            self.sink.send_headers(self.status, self.headers, body)
+        except OSError as exc:
+            raise ClientGone(str(exc)) from exc
         if final:
             self.body_bytes += len(body)
 

@@ -223,6 +223,27 @@ def test_idle_connection_closed_after_timeout(procs) -> None:
         assert read_until_closed(sock) == b""  # the 10 s socket timeout bounds this wait
 
 
+@pytest.mark.parametrize(
+    "partial",
+    [
+        b"GET / HTTP/1.1\r\nHost: x",  # a request head that stops half way
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-some",  # a body
+    ],
+    ids=["half-head", "half-body"],
+)
+def test_silent_client_cut_after_timeout_others_served(procs, partial: bytes) -> None:
+    """--timeout is enforced by a reaper, not by per-read timers: a client that stops
+    sending mid-request is cut, and others are served meanwhile."""
+    _, address = start(procs, "--timeout", "1")
+    with connect(address) as stalled:
+        stalled.sendall(partial)
+        with connect(address) as other:
+            send_get(other, "/")
+            assert parse_response(read_until_closed(other)).status == 200
+        data = read_until_closed(stalled)  # the 10 s socket timeout bounds this wait
+    assert b"200 OK" not in data  # cut (or a 4xx), never served as if complete
+
+
 def test_serves_from_the_main_thread_alone(procs) -> None:
     """The hub runs in the main thread, which waits for signals in it: no helper thread."""
     proc, _ = start(procs)

@@ -24,6 +24,7 @@ GOOD = {
     st.path_list: (os.pathsep.join(["/srv/a", "/srv/b"]), "/srv/env"),
     st.string: ("some-value", "other-value"),
     st.shell_words: ("one 'two words'", "from-env"),
+    st.name_list: ("gzip,buffer", "gzip"),
 }
 BAD = {
     st.to_bool: "maybe",
@@ -33,6 +34,7 @@ BAD = {
     st.positive_float: "soon",
     st.octal_mode: "999",
     st.shell_words: "'unclosed",
+    st.name_list: "gzip,,buffer",
 }
 
 SETTINGS = [opt for opt in OPTIONS if not opt.cli_only]

@@ -38,6 +38,7 @@ class BackendInfo:
     keepalive: bool = True  # serves several requests on one connection
     chunked_input: bool = True  # decodes chunked request bodies
     repeated_headers: bool = True  # joins a repeated request header's values
+    listens: bool = True  # serves a listening socket (False: connects out, e.g. over ZeroMQ)
 
     def missing(self) -> list[str]:
         return [mod for mod in self.requires if importlib.util.find_spec(mod) is None]
@@ -235,6 +236,48 @@ BACKENDS += (
 )
 
 
+def _mongrel2(engine: str, summary: str, **kw: object) -> BackendInfo:
+    """A Mongrel2 handler: connects out to Mongrel2 over ZeroMQ (pyzmq), on an engine."""
+    requires = ("zmq", *kw.pop("requires", ()))  # type: ignore[misc]
+    target = f"chaussette.drivers.{'mongrel2' if engine == 'threads' else 'm2' + engine}"
+    return BackendInfo(
+        engine,
+        "mongrel2",
+        f"{target}:Mongrel2Server",
+        summary,
+        requires=requires,
+        extra="mongrel2" if engine == "threads" else f"mongrel2,{engine}",
+        unix=False,
+        listens=False,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+# chaussette's own Mongrel2 handler: ZeroMQ to Mongrel2, the backend names the engine.
+BACKENDS += (
+    _mongrel2(
+        "threads",
+        "chaussette's Mongrel2 handler on kept worker threads (--threads), pyzmq",
+        threads=True,
+    ),
+    _mongrel2(
+        "gevent",
+        "chaussette's Mongrel2 handler on gevent (zmq.green), a greenlet per request (--spawn)",
+        requires=("gevent",),
+        pool=True,
+        monkey=True,
+    ),
+    _mongrel2(
+        "eventlet",
+        "chaussette's Mongrel2 handler on eventlet (eventlet.green.zmq), a green thread per "
+        "request (--spawn)",
+        requires=("eventlet",),
+        pool=True,
+        monkey=True,
+    ),
+)
+
+
 ENTRY_POINT_GROUP = "chaussette.backends"
 _plugins: tuple[BackendInfo, ...] | None = None
 _plugin_errors: dict[str, str] = {}
@@ -328,6 +371,8 @@ def capabilities(b: BackendInfo) -> str:
         can.append("no-chunked-input")
     if not b.repeated_headers:
         can.append("mixes-repeated-headers")
+    if not b.listens:
+        can.append("connects-out")
     return ",".join(can) or "-"
 
 
@@ -364,7 +409,8 @@ def table() -> str:
         "monkey-patches unless --no-monkey; websocket = serves websockets; "
         "no-keepalive = one request per connection; no-chunked-input = refuses chunked "
         "request bodies; mixes-repeated-headers = joins a repeated request header's values "
-        "without a separator"
+        "without a separator; connects-out = listens on nothing, connects to its server "
+        "(Mongrel2 over ZeroMQ: --zeromq)"
     )
     for name, error in sorted(_plugin_errors.items()):
         lines.append(f"plugin {name!r} not loaded: {error}")

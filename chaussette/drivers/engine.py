@@ -29,6 +29,7 @@ from typing import Any, Protocol
 log = logging.getLogger("chaussette")
 
 RETRY_ACCEPT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_MAX_TIMEVAL_US = (2**31 - 1) * 1_000_000  # a timeval's seconds fit in 32 bits everywhere
 
 
 class Flag(Protocol):
@@ -113,6 +114,12 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def wait_readable(self, fd: int, timeout: float | None) -> None:
         """The main thread's wait for the signal pipe."""
+
+    def receiver(self, sock: Any) -> Callable[[int], bytes]:
+        """The ``recv(size)`` a connection's reader uses: ``sock.recv`` unless the engine
+        has a cheaper way to wait for bytes."""
+        recv: Callable[[int], bytes] = sock.recv
+        return recv
 
     def set_timeouts(self, sock: Any, timeout: float | None) -> bool:
         """Prepare an accepted connection; True when its reads and writes now fail after
@@ -447,8 +454,8 @@ class ThreadEngine(Engine):
         and two GIL handoffs where one does)."""
         sock.settimeout(None)
         if timeout is not None:
-            seconds = int(timeout)
-            value = struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
+            micro = min(max(int(timeout * 1e6), 1), _MAX_TIMEVAL_US)  # 0 would mean "never"
+            value = struct.pack("ll", micro // 1_000_000, micro % 1_000_000)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         return True

@@ -31,6 +31,9 @@ from chaussette import __version__
 
 SERVER_SOFTWARE = f"chaussette/{__version__}"
 _DROPPED = ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH")
+_DEFAULTED = frozenset(
+    ("REQUEST_METHOD", "SCRIPT_NAME", "QUERY_STRING", "SERVER_PROTOCOL", "SERVER_SOFTWARE")
+)
 
 
 def base_environ(multithread: bool, multiprocess: bool) -> dict[str, Any]:
@@ -63,9 +66,12 @@ def derive_path_info(environ: dict[str, Any]) -> None:
 
 
 def make_environ(params: dict[str, str], base: dict[str, Any]) -> dict[str, Any]:
-    """The environ of a request with these CGI parameters (wsgi.input/errors not set)."""
-    environ: dict[str, Any] = base.copy()
-    environ.update(params)
+    """The environ of a request with these CGI parameters (wsgi.input/errors not set).
+
+    ``params`` becomes the environ (no copy: the protocol core made it for this request);
+    the server's ``wsgi.*`` keys win over any parameter of the same name."""
+    environ: dict[str, Any] = params
+    environ.update(base)
     for name in _DROPPED:
         environ.pop(name, None)
     length = environ.get("CONTENT_LENGTH")
@@ -78,11 +84,12 @@ def make_environ(params: dict[str, str], base: dict[str, Any]) -> dict[str, Any]
         del environ["CONTENT_TYPE"]
     if "PATH_INFO" not in environ:
         derive_path_info(environ)
-    environ.setdefault("REQUEST_METHOD", "GET")
-    environ.setdefault("SCRIPT_NAME", "")
-    environ.setdefault("QUERY_STRING", "")
-    environ.setdefault("SERVER_PROTOCOL", "HTTP/1.0")
-    environ.setdefault("SERVER_SOFTWARE", SERVER_SOFTWARE)
+    if not environ.keys() >= _DEFAULTED:  # a web server sends them all, as a rule
+        environ.setdefault("REQUEST_METHOD", "GET")
+        environ.setdefault("SCRIPT_NAME", "")
+        environ.setdefault("QUERY_STRING", "")
+        environ.setdefault("SERVER_PROTOCOL", "HTTP/1.0")
+        environ.setdefault("SERVER_SOFTWARE", SERVER_SOFTWARE)
     https = environ.get("HTTPS", "").lower() in ("on", "1", "yes")
     scheme = "https" if https or environ.get("REQUEST_SCHEME") == "https" else "http"
     environ["wsgi.url_scheme"] = scheme

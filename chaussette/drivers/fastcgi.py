@@ -142,6 +142,7 @@ class FastCGIConnection:
     def __init__(self, server: ProtocolServer, sock: Any, peer: str) -> None:
         self.server = server
         self.sock = sock
+        self.recv = server.engine.receiver(sock)
         self.peer = peer
         engine = server.engine
         settings = server.settings
@@ -243,7 +244,7 @@ class FastCGIConnection:
     def _recv(self) -> bytes | None:
         self.read_since = monotonic()
         try:
-            return self.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
+            return self.recv(RECV_SIZE)
         except OSError as exc:  # reset, timed out (idle for --timeout), shut by us
             if not self.closing:
                 log.debug("FastCGI connection from %s: %s", self.peer, exc)
@@ -422,6 +423,7 @@ class FastCGIConnection:
         """The request is over: END_REQUEST (or the cut), then count it out. ``inline``:
         called by the connection's reader, which can simply stop reading."""
         request.stdin.close()
+        request.environ = None  # its wsgi.errors refers to the request: no cycle for the GC
         if request.cut:
             status = APP_FAILED
         elif request.aborted:

@@ -151,6 +151,24 @@ class GeventEngine(Engine):
     def watcher(self) -> FdWatcher | None:
         return GeventWatcher()
 
+    def receiver(self, sock: Any) -> Callable[[int], bytes]:
+        """Wait for the descriptor to be readable, then read: a connection's next request
+        is seldom there yet when the reader comes back for it, and gevent's ``recv``
+        would first try (a syscall failing with EAGAIN, an exception) and then wait.
+        A socket given a timeout (the linger after our FIN) reads the usual way."""
+        hub = gevent.get_hub()
+        io = hub.loop.io(sock.fileno(), 1)
+        wait = hub.wait
+        recv = sock.recv
+
+        def receive(size: int) -> bytes:
+            if sock.timeout is None:
+                wait(io)
+            data: bytes = recv(size)
+            return data
+
+        return receive
+
 
 class _GeventServer(ProtocolServer):
     engine_class = GeventEngine

@@ -44,6 +44,7 @@ class SCGIConnection:
     def __init__(self, server: ProtocolServer, sock: Any, peer: str) -> None:
         self.server = server
         self.sock = sock
+        self.recv = server.engine.receiver(sock)
         self.peer = peer
         self.core = core.ServerConnection(max_params_size=server.settings.max_params_size)
         self.stdin = StdinBuffer(None, server.timeout, pump=self._pump)
@@ -106,7 +107,7 @@ class SCGIConnection:
     def _recv(self) -> bytes | None:
         self.read_since = monotonic()
         try:
-            return self.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
+            return self.recv(RECV_SIZE)
         except OSError as exc:
             if not self.closing:
                 log.debug("SCGI connection from %s: %s", self.peer, exc)

@@ -2,7 +2,10 @@
 
 - Connections are accepted while fewer than ``--max-conns`` are served (SCGI: also fewer
   than the request bound, a connection being one request); at the bound new ones wait in
-  the listen queue. TCP_NODELAY and ``--timeout`` are set on each.
+  the listen queue. TCP_NODELAY is set on each, and ``--timeout`` bounds each of its
+  reads and writes: on threads the kernel does it (SO_RCVTIMEO/SO_SNDTIMEO on a blocking
+  socket: no poll() before each call); on greenlets one watchdog task closes a connection
+  whose read or write has waited that long (no timer made and cancelled per wait).
 - Requests are counted over all connections: ``in_flight`` (until their last byte is
   written), and FastCGI's ``--max-reqs`` (until their answer is complete).
 - How a request runs: on gevent/eventlet in a greenlet of a pool of ``--spawn``; on threads
@@ -101,7 +104,7 @@ class ErrorsTo(ErrorStream):
     """``wsgi.errors``: lines to the log, and the bytes to the protocol's error stream."""
 
     def __init__(self, sink: RawSink) -> None:
-        super().__init__()
+        self._partial = ""  # ErrorStream's state, set here: one made per request
         self._sink = sink
 
     def write(self, text: str) -> int:

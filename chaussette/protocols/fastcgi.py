@@ -319,6 +319,26 @@ def encode_end_request(
     )
 
 
+_end_cache: dict[tuple[int, int, int, bool], bytes] = {}
+_END_CACHE_SIZE = 1024
+
+
+def _end_records(request_id: int, app_status: int, protocol_status: int, stderr: bool) -> bytes:
+    """The end of a response: empty STDOUT (and STDERR), END_REQUEST. The same few bytes
+    for most requests (web servers reuse small request ids): cached."""
+    key = (request_id, app_status, protocol_status, stderr)
+    tail = _end_cache.get(key)
+    if tail is None:
+        parts = [encode_record(STDOUT, request_id)]
+        if stderr:
+            parts.append(encode_record(STDERR, request_id))
+        parts.append(encode_end_request(request_id, app_status, protocol_status))
+        tail = b"".join(parts)
+        if len(_end_cache) < _END_CACHE_SIZE:
+            _end_cache[key] = tail
+    return tail
+
+
 @dataclass(slots=True)
 class Record:
     """One decoded record: its type, request id and content (padding dropped)."""
@@ -347,9 +367,13 @@ class RecordReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Record]:
+        return [Record(*fields) for fields in self.feed_fields(data)]
+
+    def feed_fields(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """``feed``, with each record as a (type, request id, content) tuple (cheaper)."""
         if not isinstance(data, bytes):
             data = bytes(data)
-        records: list[Record] = []
+        records: list[tuple[int, int, bytes]] = []
         pos = 0
         buf = self._buf
         if buf:
@@ -358,6 +382,7 @@ class RecordReader:
                 return records
         end = len(data)
         unpack = _HEADER.unpack_from
+        append = records.append
         while end - pos >= HEADER_LEN:
             version, rtype, request_id, size, padding = unpack(data, pos)
             if version != FCGI_VERSION_1:
@@ -366,7 +391,7 @@ class RecordReader:
             stop = start + size
             if stop + padding > end:
                 break
-            records.append(Record(rtype, request_id, data[start:stop]))
+            append((rtype, request_id, data[start:stop]))
             pos = stop + padding
         if pos < end:
             # fail on a bad version byte now rather than after buffering a "record" of garbage
@@ -375,7 +400,7 @@ class RecordReader:
             buf += data[pos:]
         return records
 
-    def _top_up(self, data: bytes, records: list[Record]) -> int:
+    def _top_up(self, data: bytes, records: list[tuple[int, int, bytes]]) -> int:
         """Complete the buffered record from ``data``; return how many bytes were used."""
         buf = self._buf
         used = 0
@@ -396,7 +421,7 @@ class RecordReader:
         buf += data[used : used + missing]
         used += missing
         if len(buf) == HEADER_LEN + size + padding:
-            records.append(Record(rtype, request_id, bytes(buf[HEADER_LEN : HEADER_LEN + size])))
+            records.append((rtype, request_id, bytes(buf[HEADER_LEN : HEADER_LEN + size])))
             buf.clear()
         return used
 
@@ -531,51 +556,49 @@ class ServerConnection:
             if self._eof:
                 raise RemoteProtocolError("data received after the peer closed the connection")
             events: list[Event] = []
-            for record in self._reader.feed(data):
-                self._handle(record, events)
+            for rtype, request_id, content in self._reader.feed_fields(data):
+                self._handle(rtype, request_id, content, events)
             return events
         except RemoteProtocolError as exc:
             self._failed = str(exc)
             raise
 
-    def _handle(self, record: Record, events: list[Event]) -> None:
-        rtype = record.type
-        request_id = record.request_id
+    def _handle(self, rtype: int, request_id: int, content: bytes, events: list[Event]) -> None:
         if request_id == NULL_REQUEST_ID:
-            self._management(record)
+            self._management(rtype, content)
             return
         request = self._requests.get(request_id)
         if rtype == STDIN:
             if request is None:
-                self._orphan(record)
+                self._orphan(rtype, request_id)
             elif request.aborted:
                 pass
             elif not request.params_done:
                 raise RemoteProtocolError(f"STDIN for request {request_id} before its PARAMS ended")
             elif request.stdin_done:
                 raise RemoteProtocolError(f"STDIN for request {request_id} after its end")
-            elif record.content:
-                events.append(StdinData(request_id, record.content))
+            elif content:
+                events.append(StdinData(request_id, content))
             else:
                 request.stdin_done = True
                 events.append(StdinEnd(request_id))
         elif rtype == PARAMS:
             if request is None:
-                self._orphan(record)
+                self._orphan(rtype, request_id)
             elif not request.aborted:
-                self._params(request_id, request, record.content, events)
+                self._params(request_id, request, content, events)
         elif rtype == BEGIN_REQUEST:
-            self._begin(record, request, events)
+            self._begin(request_id, content, request, events)
         elif rtype == ABORT_REQUEST:
             if request is None:
-                self._orphan(record)
+                self._orphan(rtype, request_id)
             elif not request.aborted:
                 request.aborted = True
                 events.append(Aborted(request_id))
         elif rtype == DATA:
             # FILTER role only, which is refused at BEGIN_REQUEST: nothing to do with it.
             if request is None:
-                self._orphan(record)
+                self._orphan(rtype, request_id)
         else:
             raise RemoteProtocolError(
                 f"{_type_name(rtype)} record for request {request_id}: "
@@ -602,16 +625,17 @@ class ServerConnection:
         request.params_size = 0
         events.append(Params(request_id, _decode_params(block)))
 
-    def _begin(self, record: Record, request: _Request | None, events: list[Event]) -> None:
-        request_id = record.request_id
-        if len(record.content) != _BEGIN_BODY.size:
+    def _begin(
+        self, request_id: int, content: bytes, request: _Request | None, events: list[Event]
+    ) -> None:
+        if len(content) != _BEGIN_BODY.size:
             raise RemoteProtocolError(
-                f"BEGIN_REQUEST for request {request_id} with {len(record.content)} bytes "
+                f"BEGIN_REQUEST for request {request_id} with {len(content)} bytes "
                 "of content, expected 8"
             )
         if request is not None:
             raise RemoteProtocolError(f"BEGIN_REQUEST for request {request_id}, already active")
-        role, flags = _BEGIN_BODY.unpack(record.content)
+        role, flags = _BEGIN_BODY.unpack(content)
         keep_conn = bool(flags & KEEP_CONN)
         self._finished.discard(request_id)
         if role != RESPONDER:
@@ -629,28 +653,27 @@ class ServerConnection:
         if not keep_conn:
             self._should_close = True
 
-    def _orphan(self, record: Record) -> None:
-        if record.request_id in self._finished:
+    def _orphan(self, rtype: int, request_id: int) -> None:
+        if request_id in self._finished:
             return  # the peer may still be sending what we no longer need
         raise RemoteProtocolError(
-            f"{_type_name(record.type)} record for request {record.request_id}, "
-            "which was never begun"
+            f"{_type_name(rtype)} record for request {request_id}, which was never begun"
         )
 
-    def _management(self, record: Record) -> None:
-        if record.type == GET_VALUES:
-            asked = dict.fromkeys(name for name, _ in decode_pairs(record.content))
+    def _management(self, rtype: int, content: bytes) -> None:
+        if rtype == GET_VALUES:
+            asked = dict.fromkeys(name for name, _ in decode_pairs(content))
             answer = [(name, self._values[name]) for name in asked if name in self._values]
             self._out += encode_record(GET_VALUES_RESULT, NULL_REQUEST_ID, encode_pairs(answer))
         else:
-            self._out += encode_record(
-                UNKNOWN_TYPE, NULL_REQUEST_ID, _UNKNOWN_BODY.pack(record.type)
-            )
+            self._out += encode_record(UNKNOWN_TYPE, NULL_REQUEST_ID, _UNKNOWN_BODY.pack(rtype))
 
     # ---- output
 
     def data_to_send(self) -> bytes:
         """Bytes the core produced itself (management replies, refusals); empties them."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -686,11 +709,7 @@ class ServerConnection:
         del self._requests[request_id]
         if not request.keep_conn:
             self._should_close = True
-        parts = [encode_record(STDOUT, request_id)]
-        if request.stderr_used:
-            parts.append(encode_record(STDERR, request_id))
-        parts.append(encode_end_request(request_id, app_status, protocol_status))
-        return b"".join(parts)
+        return _end_records(request_id, app_status, protocol_status, request.stderr_used)
 
     # ---- state
 

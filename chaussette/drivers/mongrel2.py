@@ -1,0 +1,824 @@
+"""A Mongrel2 handler: requests over ZeroMQ, on OS threads (gevent and eventlet: m2gevent.py,
+m2eventlet.py), answered by chaussette's WSGI host.
+
+Mongrel2 binds two sockets per handler; we connect to both. It PUSHes each request to one
+of the handlers connected to ``send_spec`` (we PULL) and SUBscribes to what handlers publish
+on ``recv_spec`` (we publish with an XPUB socket: it also tells us when Mongrel2 subscribes,
+which is when we say "connected" and before which a reply would be dropped). The message
+format is ``chaussette.protocols.mongrel2``'s; this module does the I/O around it:
+
+- One task receives. A request is handed to a task of the engine's pool (``--threads`` or
+  ``--spawn`` at once; at the bound the receiver waits, so Mongrel2 queues, or gives the
+  requests to another handler process). Requests of one client connection run one after
+  the other, in the order they came (at most ``MAX_PIPELINE`` waiting; beyond, the
+  connection is closed).
+- Replies: ZeroMQ sockets are not thread-safe, so the publisher is used under a lock by
+  whichever task replies (the lock is the "full memory barrier" ZeroMQ asks for to move a
+  socket between threads). It never drops a reply at its high-water mark
+  (``XPUB_NODROP``): a task waits, up to ``--timeout``, then takes the client as gone.
+- A response goes out as its status line and headers for the client's HTTP version, then
+  chunked when the app gave no Content-Length on HTTP/1.1 (on HTTP/1.0, the connection is
+  closed to end it); a list body leaves in one message, a streamed one a message per chunk
+  as the app yields it. Mongrel2 never closes a connection by itself: we send it the
+  empty reply that closes it after a response HTTP says ends the connection, after a
+  response the app broke off (so the client sees it cut) and after a 400.
+- A disconnect message marks the connection gone: its response stops at the next chunk
+  (the app's iterable is closed), an upload read fails, its queued requests are dropped.
+- Async uploads (``m2upload.py``): the request runs as soon as the upload-start message
+  comes, reading ``wsgi.input`` from the spool file while Mongrel2 writes it. A message with
+  upload headers Mongrel2 cannot have produced, or a path outside the upload directory, is
+  answered 400 and the connection closed; nothing outside that directory is ever read or
+  deleted. A done message for an upload this process did not start (PUSH may give the two
+  messages to different handler processes) is ignored.
+- A drain (SIGTERM, SIGHUP): stop receiving, serve what was already received, disconnect;
+  the requests in flight finish. Mongrel2 holds new requests until a handler connects
+  (or gives them to the other handler processes). Requests Mongrel2 had already pushed to
+  this process but not yet delivered are lost with the connection (PUSH has no
+  acknowledgement): a property of Mongrel2's protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from chaussette.backends.base import Server
+from chaussette.drivers.engine import Engine, Flag, ThreadEngine
+from chaussette.drivers.environ import SERVER_SOFTWARE, base_environ
+from chaussette.drivers.m2config import Endpoints, UploadPlace, load_handler, parse_zeromq
+from chaussette.drivers.m2upload import SpoolFile, UploadBody, UploadRefused, resolve
+from chaussette.drivers.response import BufferedResponse
+from chaussette.drivers.server import DEFAULT_SPAWN, IDLE_TIMEOUT, ProtocolServer
+from chaussette.errors import UsageError
+from chaussette.protocols import mongrel2 as core
+from chaussette.protocols.errors import RemoteProtocolError
+from chaussette.wsgi import BodyReader, ErrorStream
+
+if TYPE_CHECKING:
+    from chaussette.settings import Settings
+    from chaussette.sockets import Listener
+    from chaussette.wsgi import WSGIApp
+
+log = logging.getLogger("chaussette")
+access = logging.getLogger("chaussette.access")
+
+HELP_DELAY = 0.005  # seconds every thread may be busy before another one is added
+TICK = 0.1  # seconds the receiver waits before it looks at its flags and subscriptions
+CHECK_EVERY = 256  # messages between two looks at subscriptions under load
+MAX_PIPELINE = 32  # requests of one client connection waiting behind the one running
+RCV_HWM = 64  # requests queued in this process before Mongrel2 holds them (or gives
+# them to another handler process)
+SND_HWM = 1000  # replies queued for Mongrel2 before a replying task waits
+SUBSCRIBE_WAIT = 5.0  # seconds a first reply waits for Mongrel2 to subscribe
+MAX_CLOSED = 4096  # connections remembered as closed by us
+LINGER_MS = 2000  # at close, how long queued replies may still take to leave
+_EMPTY = b"".__class__()
+
+
+Job = tuple["M2Conn", core.Request, "str | None"]  # a request to run, or to refuse (400)
+
+
+class M2Conn:
+    """A client connection of Mongrel2's with a request here (running or queued)."""
+
+    __slots__ = ("backlog", "closed", "epoch", "gone", "key", "prefix", "upload", "wake")
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+        self.epoch = 0  # the Mongrel2 it came from (Publisher.epoch)
+        self.prefix = core.encode_reply(key[0], key[1:], _EMPTY)  # of each reply to it
+        self.backlog: deque[tuple[core.Request, str | None]] = deque()
+        self.gone = False  # Mongrel2 said the client went away
+        self.closed = False  # we asked Mongrel2 to close it
+        self.upload: UploadBody | None = None
+        self.wake: Flag | None = None
+
+
+class Publisher:
+    """The XPUB socket replies leave by, used under a lock by any task."""
+
+    def __init__(
+        self, server: Mongrel2Server, spec: str, identity: bytes | None, timeout: float | None
+    ) -> None:
+        zmq = self.zmq = server.zmq
+        self.server = server
+        self.spec = spec
+        self.timeout = timeout
+        self.lock = server.engine.lock()
+        sock = self.sock = server.ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.XPUB_NODROP, 1)
+        # replies never wait for a Mongrel2 to come (back): one that restarts has new
+        # connections under the old ids, and stale replies must not reach them; with this,
+        # a lost connection also unsubscribes, which is how we see Mongrel2 go away
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, SND_HWM)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        if timeout and server.blocking:
+            sock.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        if identity:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(spec)
+        self.flags = 0 if server.blocking else zmq.NOBLOCK
+        self.subscribed = 0  # topics Mongrel2 subscribed to (it subscribes to all: one)
+        # counts the times Mongrel2 went away: a reply to a request received before is
+        # dropped, never given to the Mongrel2 that came back (its connection ids are new)
+        self.epoch = 0
+        self.warned = False
+        self.closed = False
+
+    def epoch_now(self) -> int:
+        """The epoch a request received now belongs to."""
+        with self.lock:
+            if not self.closed and self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN:
+                self._read_subscriptions()
+            return self.epoch
+
+    def send(self, frame: bytes, epoch: int) -> None:
+        """Publish one reply to a request of ``epoch``; ConnectionError when it cannot
+        leave."""
+        with self.lock:
+            if self.closed:
+                raise ConnectionAbortedError("the handler is closing")
+            if self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN:
+                self._read_subscriptions()
+            if epoch != self.epoch:
+                raise ConnectionAbortedError("Mongrel2 went away since the request came")
+            if not self.subscribed:
+                self._await_subscriber()
+            try:
+                self.sock.send(frame, self.flags, copy=len(frame) >= 65536)
+            except self.zmq.Again:
+                if self.server.blocking:
+                    raise ConnectionError("Mongrel2 took no reply for --timeout") from None
+                self._send_later(frame)
+            except self.zmq.ZMQError as exc:
+                raise ConnectionError(f"publishing to Mongrel2: {exc}") from None
+
+    def _send_later(self, frame: bytes) -> None:
+        """A cooperative engine at the high-water mark: wait for room, up to --timeout."""
+        zmq = self.zmq
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise ConnectionError("Mongrel2 took no reply for --timeout")
+            self.server.wait_socket(self.sock, zmq.POLLOUT, TICK if left is None else left)
+            try:
+                self.sock.send(frame, zmq.NOBLOCK, copy=len(frame) >= 65536)
+                return
+            except zmq.Again:
+                continue
+
+    def check(self) -> None:
+        """Take note of (un)subscriptions: Mongrel2 connecting or going away."""
+        with self.lock:
+            if not self.closed:
+                self._read_subscriptions()
+
+    def _read_subscriptions(self) -> None:
+        before = self.subscribed
+        while True:
+            try:
+                msg = self.sock.recv(self.zmq.NOBLOCK)
+            except self.zmq.Again:
+                break
+            if msg[:1] == b"\x01":
+                self.subscribed += 1
+            elif msg[:1] == b"\x00" and self.subscribed:
+                self.subscribed -= 1
+                if not self.subscribed:
+                    self.epoch += 1
+        if self.subscribed and not before:
+            self.warned = False
+            log.info("connected to Mongrel2: replies to %s", self.spec)
+        elif before and not self.subscribed:
+            log.warning(
+                "Mongrel2 at %s went away (stopped or restarting); waiting for it", self.spec
+            )
+
+    def _await_subscriber(self) -> None:
+        """Right after a (re)connection Mongrel2 may not have subscribed yet, and a reply
+        published before would be dropped (ZeroMQ's slow joiner): wait for it, bounded."""
+        deadline = time.monotonic() + SUBSCRIBE_WAIT
+        while True:
+            self._read_subscriptions()
+            if self.subscribed:
+                return
+            if time.monotonic() >= deadline:
+                if not self.warned:
+                    self.warned = True
+                    log.warning("Mongrel2 has not subscribed to %s: replies are dropped", self.spec)
+                return
+            self.server.engine.sleep(0.005)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            self.sock.close()
+
+
+class Reply:
+    """The sink of one response: HTTP/1.x bytes to Mongrel2, for one client connection."""
+
+    __slots__ = (
+        "bodyless",
+        "chunked",
+        "close",
+        "conn",
+        "head_only",
+        "http11",
+        "pending",
+        "prefix",
+        "publisher",
+        "request",
+        "server",
+    )
+
+    def __init__(self, server: Mongrel2Server, conn: M2Conn, request: core.Request) -> None:
+        self.server = server
+        self.publisher = server.publisher
+        self.conn = conn
+        self.request = request
+        self.prefix = conn.prefix
+        self.pending: list[bytes] = []
+        self.http11 = request.headers.get("VERSION") == "HTTP/1.1"
+        self.close = not core.keep_alive(request)
+        self.head_only = request.headers.get("METHOD") == "HEAD"
+        self.chunked = False
+        self.bodyless = False
+
+    def send_headers(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        code = int(status[:3])
+        self.bodyless = self.head_only or code < 200 or code in (204, 304)
+        if not self.bodyless and not any(n.lower() == "content-length" for n, _ in headers):
+            if self.http11:
+                self.chunked = True
+            else:
+                self.close = True  # HTTP/1.0: the end of the connection ends the body
+        self.pending.append(
+            core.response_head(
+                self.request, status, headers, chunked=self.chunked, close=self.close
+            )
+        )
+        if body:
+            self.send_body(body)
+
+    def send_body(self, data: bytes) -> None:
+        if not self.bodyless:
+            self.pending.append(core.encode_chunk(data) if self.chunked else data)
+
+    def send_file(self, file: Any, count: int | None) -> int | None:
+        return None  # the response iterates the file wrapper instead
+
+    def finish(self) -> None:
+        if self.chunked:
+            self.pending.append(core.LAST_CHUNK)
+        self.flush()
+        if self.close:
+            self.close_connection()
+
+    def abort(self) -> None:
+        self.pending.clear()
+        if not self.conn.gone:
+            self.close_connection()
+
+    def flush(self) -> None:
+        if self.conn.gone:
+            raise ConnectionAbortedError("the client went away (Mongrel2 disconnect)")
+        pending = self.pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.publisher.send(self.prefix + data, self.conn.epoch)
+
+    def close_connection(self) -> None:
+        self.server.closing(self.conn)
+        # an empty payload: Mongrel2 closes the connection
+        self.publisher.send(self.prefix, self.conn.epoch)
+
+    # the raw-handler side of a sink (the Mongrel2 handler has no --raw-handler)
+    def raw(self, data: bytes) -> None:
+        self.pending.append(data)
+
+    def stderr(self, data: bytes) -> None:
+        return
+
+
+class Crew:
+    """Tasks taking turns at the receiving socket (leader/followers), each running the
+    request it received itself: no handoff between a receiver and a worker.
+
+    A task holds ``pull_lock`` while it receives (with OS threads the lock is also the
+    memory barrier ZeroMQ asks for when a socket changes threads), lets it go once it has a
+    request, and runs that request. One task is enough while requests are quick. The
+    monitor adds a task when every task has been busy for ``HELP_DELAY`` (a slow app, or
+    many requests at once), up to ``size`` (``--threads``, ``--spawn``): at that bound
+    nobody receives, and Mongrel2 holds the requests (or gives them to another handler
+    process). A task beyond the first that finds nothing to do for ``IDLE_TIMEOUT`` leaves.
+    """
+
+    def __init__(self, server: Mongrel2Server, size: int) -> None:
+        engine = self.engine = server.engine
+        self.server = server
+        self.size = size
+        self.pull_lock = engine.lock()
+        self.lock = engine.core_lock()  # the counts below
+        self.tasks = 0
+        self.free = 0  # tasks not running a request
+        self.busy_since = 0.0  # when ``free`` last dropped to 0
+        self.all_busy = engine.flag()
+        self.stopped = False
+
+    def start(self) -> None:
+        self._add()
+        self.engine.spawn(self._monitor)
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.all_busy.set()
+
+    def _add(self) -> None:
+        with self.lock:
+            self.tasks += 1
+            self.free += 1
+        self.engine.spawn(self._work)
+
+    def _leave(self) -> bool:
+        """An idle task may leave, unless it is the last one (counted out here, under the
+        lock: two idle tasks must not both leave the last)."""
+        with self.lock:
+            if self.tasks <= 1:
+                return False
+            self.tasks -= 1
+            self.free -= 1
+            return True
+
+    def _monitor(self) -> None:
+        wait, clear, delay = self.all_busy.wait, self.all_busy.clear, HELP_DELAY
+        sleep = self.engine.sleep
+        while not self.stopped:
+            wait()
+            sleep(delay)
+            clear()
+            with self.lock:
+                help_needed = (
+                    not self.free
+                    and self.tasks < self.size
+                    and time.monotonic() - self.busy_since >= delay
+                )
+                if not self.free:
+                    self.all_busy.set()  # look again after the next delay
+            if help_needed and not self.stopped:
+                self._add()
+
+    def _work(self) -> None:
+        server = self.server
+        lock, pull_lock, all_busy = self.lock, self.pull_lock, self.all_busy
+        run = server.run
+        left = False
+
+        def leave() -> bool:
+            nonlocal left
+            left = self._leave()
+            return left
+
+        try:
+            while True:
+                with pull_lock:
+                    job = server.receive_job(leave)
+                if job is None:
+                    return
+                with lock:
+                    self.free -= 1
+                    if not self.free:
+                        self.busy_since = time.monotonic()
+                        if not all_busy.is_set():
+                            all_busy.set()
+                run(*job)
+                with lock:
+                    self.free += 1
+        except Exception:
+            log.exception("unexpected error in a Mongrel2 handler task")
+        finally:
+            if not left:
+                with lock:
+                    self.tasks -= 1
+                    self.free -= 1
+
+
+def _no_body(size: int = -1) -> bytes:
+    return b""
+
+
+class Mongrel2Server(Server):
+    """The Mongrel2 handler on an engine; the engine modules subclass it."""
+
+    engine_class: ClassVar[type[Engine]] = ThreadEngine
+    # OS threads block in ZeroMQ's calls (with timeouts); a cooperative engine makes them
+    # non-blocking and waits for the socket's descriptor in its own hub (``wait_socket``)
+    blocking: ClassVar[bool] = True
+
+    def __init__(self, app: WSGIApp, listener: Listener, settings: Settings) -> None:
+        super().__init__(app, listener, settings)
+        self.engine = engine = self.engine_class()
+        import zmq
+
+        self.zmq = zmq
+        self.endpoints, self.uploads, self.where = self._endpoints(settings)
+        identity = settings.m2_identity or self.endpoints.identity
+        self.identity = identity.encode() if identity else None
+        self.timeout: float | None = settings.timeout or None
+        self.max_headers: int = settings.limit_request_headers
+        self.size: int = settings.threads if engine.multithread else settings.spawn or DEFAULT_SPAWN
+        # several handler processes commonly share one Mongrel2: say so to the app
+        self.base = base_environ(engine.multithread, True)
+        self.base["SERVER_SOFTWARE"] = SERVER_SOFTWARE
+        self.state_lock = engine.core_lock()
+        self.conns: dict[tuple[str, str], M2Conn] = {}
+        # connections we closed, until Mongrel2 says they are gone: what still comes for
+        # them (the done message of a refused upload) is dropped, not answered again
+        self.closed: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.requests = 0  # received and not finished (what a drain waits for)
+        self.stopping = False
+        self.receiver_done = engine.flag()
+        self.log_access = access.isEnabledFor(logging.INFO)
+        self.ctx: Any = None
+        self.pull: Any = None
+        self.publisher: Publisher = None  # type: ignore[assignment]  # set by start()
+        self.crew: Crew | None = None
+        self.idle_since = time.monotonic()
+
+    @staticmethod
+    def _endpoints(settings: Settings) -> tuple[Endpoints, UploadPlace, str]:
+        upload_dir = settings.upload_dir
+        if upload_dir and not os.path.isdir(upload_dir):
+            raise UsageError(f"--upload-dir {upload_dir}: not a directory")
+        chosen = os.path.realpath(upload_dir) if upload_dir else None
+        if settings.m2_config:
+            config = load_handler(settings.m2_config, settings.m2_handler)
+            place = config.upload
+            if chosen:
+                place = UploadPlace(chosen, place.root)
+            elif place.directory and not os.path.isdir(place.directory):
+                log.warning(
+                    "upload directory %s (from Mongrel2's upload.temp_store) does not exist",
+                    place.directory,
+                )
+            return config.endpoints, place, f"handler {config.description}"
+        try:
+            endpoints = parse_zeromq(settings.zeromq or "")
+        except ValueError as exc:
+            raise UsageError(f"--zeromq {settings.zeromq}: {exc}") from None
+        return endpoints, UploadPlace(chosen), "handler"
+
+    # -- Server API --
+
+    def start(self) -> None:
+        zmq = self.zmq
+        self.ctx = zmq.Context()
+        pull = self.pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, RCV_HWM)
+        if self.blocking:
+            pull.setsockopt(zmq.RCVTIMEO, int(TICK * 1000))
+        pull.setsockopt(zmq.LINGER, 0)
+        if self.identity:
+            pull.setsockopt(zmq.IDENTITY, self.identity)
+        pull.connect(self.endpoints.send_spec)
+        self.publisher = Publisher(self, self.endpoints.recv_spec, self.identity, self.timeout)
+        log.info(
+            "Mongrel2 %s: requests from %s, replies to %s; waiting for Mongrel2 "
+            "(it holds requests until a handler is connected)",
+            self.where,
+            self.endpoints.send_spec,
+            self.endpoints.recv_spec,
+        )
+        if self.uploads.directory is None:
+            log.info("async uploads are refused (400): no --upload-dir")
+        else:
+            log.info("async uploads read from %s", self.uploads.directory)
+        self.crew = Crew(self, self.size)
+        self.crew.start()
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.requests <= 0 and self.receiver_done.is_set():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.engine.sleep(min(left, 0.01))
+
+    def in_flight(self) -> int:
+        return self.requests
+
+    def wait_readable(self, fd: int, timeout: float | None) -> None:
+        self.engine.wait_readable(fd, timeout)
+
+    def close(self) -> None:
+        self.stopping = True
+        if self.crew is not None:
+            self.crew.stop()
+        if self.ctx is None:
+            return
+        received = self.receiver_done.wait(TICK * 20)
+        for conn in list(self.conns.values()):
+            conn.gone = True  # ends what is still running at its next chunk
+        self.publisher.close()
+        if received:
+            self.ctx.term()  # waits (up to LINGER_MS) for the replies still queued
+        self.ctx = None
+
+    # -- receiving --
+
+    def recv(self) -> bytes | None:
+        """One message, or None after ``TICK`` seconds without one."""
+        zmq = self.zmq
+        if self.blocking:
+            try:
+                msg: bytes = self.pull.recv()
+            except zmq.Again:
+                return None
+            return msg
+        try:
+            return self.pull.recv(zmq.NOBLOCK)  # type: ignore[no-any-return]
+        except zmq.Again:
+            pass
+        if not self.wait_socket(self.pull, zmq.POLLIN, TICK):
+            return None
+        try:
+            return self.pull.recv(zmq.NOBLOCK)  # type: ignore[no-any-return]
+        except zmq.Again:
+            return None
+
+    def wait_socket(self, sock: Any, event: int, timeout: float) -> bool:
+        """A cooperative engine's wait until ``sock`` can ``event`` (POLLIN, POLLOUT);
+        False after ``timeout`` seconds. ZeroMQ's descriptor only says that its events may
+        have changed (edge-triggered): the events are read again before each wait."""
+        zmq = self.zmq
+        deadline = time.monotonic() + timeout
+        fd = sock.getsockopt(zmq.FD)
+        while True:
+            if sock.getsockopt(zmq.EVENTS) & event:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.wait_fd(fd, left)
+
+    def wait_fd(self, fd: int, timeout: float) -> None:
+        """Wait until ``fd`` is readable or ``timeout`` passes, letting other tasks run."""
+        self.engine.wait_readable(fd, timeout)
+
+    def receive_job(self, leave: Callable[[], bool]) -> Job | None:
+        """For a crew thread holding the socket: receive until there is a request to run;
+        None when the thread should end: stopping, or idle for ``IDLE_TIMEOUT`` and
+        ``leave()`` agrees (it does for all but one thread)."""
+        zmq = self.zmq
+        while not self.stopping and self.pull is not None:
+            try:
+                msg = self.recv()
+            except zmq.ZMQError as exc:
+                log.error("receiving from Mongrel2 failed: %s", exc)
+                time.sleep(TICK)
+                continue
+            if msg is None:
+                self.publisher.check()
+                if time.monotonic() - self.idle_since >= IDLE_TIMEOUT and leave():
+                    return None
+                continue
+            self.idle_since = time.monotonic()
+            job = self.dispatch(msg)
+            if job is not None:
+                return job
+        if self.pull is None:
+            return None
+        # the first thread to see the stop serves what is already here, then disconnects
+        pull, self.pull = self.pull, None
+        jobs = []
+        while True:
+            try:
+                msg = pull.recv(zmq.NOBLOCK)
+            except zmq.ZMQError:
+                break
+            job = self.dispatch(msg)
+            if job is not None:
+                jobs.append(job)
+        pull.close()
+        log.info("disconnected from Mongrel2 (%s): no new request", self.endpoints.send_spec)
+        self.receiver_done.set()
+        for job in jobs:
+            self.run(*job)
+        return None
+
+    def dispatch(self, msg: bytes) -> Job | None:
+        """Act on one message; returns the request to run now, if there is one."""
+        try:
+            request = core.parse_request(msg, max_headers_size=self.max_headers)
+        except RemoteProtocolError as exc:
+            return self._malformed(msg, exc)
+        key = (request.sender, request.conn_id)
+        if self.closed and key in self.closed:
+            if request.is_disconnect:
+                with self.state_lock:
+                    self.closed.pop(key, None)
+            else:
+                log.debug("message for connection %s, which we closed: dropped", key[1])
+            return None
+        if request.is_disconnect:
+            self._disconnected(key)
+            return None
+        try:
+            stage = core.upload_stage(request)
+        except core.UploadError as exc:
+            return self._enqueue(request, str(exc))
+        if stage == "done":
+            return self._upload_done(request)
+        return self._enqueue(request, None)
+
+    def _malformed(self, msg: bytes, exc: RemoteProtocolError) -> Job | None:
+        parts = msg.split(b" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit() or not 0 < len(parts[0]) <= 256:
+            log.warning("dropped a message Mongrel2 sent: %s", exc)
+            return None
+        request = core.Request(parts[0].decode("latin-1"), parts[1].decode(), "", {}, b"")
+        return self._enqueue(request, str(exc))
+
+    def closing(self, conn: M2Conn) -> None:
+        """We are about to ask Mongrel2 to close ``conn``."""
+        with self.state_lock:
+            conn.closed = True
+            self.closed[conn.key] = None
+            if len(self.closed) > MAX_CLOSED:
+                self.closed.popitem(last=False)
+
+    def _disconnected(self, key: tuple[str, str]) -> None:
+        with self.state_lock:
+            conn = self.conns.get(key)
+            if conn is None:
+                return
+            conn.gone = True
+            self.requests -= len(conn.backlog)
+            conn.backlog.clear()
+            wake = conn.wake
+        if wake is not None:
+            wake.set()
+
+    def _upload_done(self, request: core.Request) -> Job | None:
+        name = request.upload_done
+        with self.state_lock:
+            conn = self.conns.get((request.sender, request.conn_id))
+            upload = conn.upload if conn is not None else None
+            wake = conn.wake if conn is not None else None
+            if upload is not None and upload.spool.name == name:
+                upload.done = True
+                if wake is not None:
+                    wake.set()
+                return None
+        try:
+            resolve(self.uploads, name or "")
+        except UploadRefused as exc:
+            return self._enqueue(request, str(exc))
+        # the start went to another handler process (or was forged): not ours to answer
+        log.debug("upload-done for %s on connection %s: not started here", name, request.conn_id)
+        return None
+
+    def _enqueue(self, request: core.Request, refusal: str | None) -> Job | None:
+        """The job to run now, or None when the connection already has one running (the
+        request waits behind it) or is gone."""
+        key = (request.sender, request.conn_id)
+        with self.state_lock:
+            conn = self.conns.get(key)
+            if conn is not None:
+                if conn.gone or conn.closed:
+                    return None
+                if len(conn.backlog) < MAX_PIPELINE:
+                    conn.backlog.append((request, refusal))
+                    self.requests += 1
+                    return None
+                self.requests -= len(conn.backlog)
+                conn.backlog.clear()
+                conn.gone = True
+            else:
+                conn = self.conns[key] = M2Conn(key)
+                self.requests += 1
+        if conn.gone:  # too many requests ahead: close the connection
+            log.warning(
+                "connection %s sent over %d requests ahead: closed", request.conn_id, MAX_PIPELINE
+            )
+            self._send_quietly(conn.prefix, conn.epoch)
+            return None
+        conn.epoch = self.publisher.epoch_now()
+        return conn, request, refusal
+
+    def _send_quietly(self, frame: bytes, epoch: int) -> None:
+        try:
+            self.publisher.send(frame, epoch)
+        except OSError as exc:
+            log.debug("reply to Mongrel2 not sent: %s", exc)
+
+    # -- requests --
+
+    def run(self, conn: M2Conn, request: core.Request, refusal: str | None) -> None:
+        while True:
+            try:
+                if refusal is None:
+                    self.respond(conn, request)
+                else:
+                    self.refuse(conn, request, refusal)
+            except Exception:
+                log.exception("unexpected error serving a Mongrel2 request")
+            with self.state_lock:
+                self.requests -= 1
+                if conn.backlog and not conn.gone and not conn.closed:
+                    request, refusal = conn.backlog.popleft()
+                    continue
+                self.requests -= len(conn.backlog)
+                conn.backlog.clear()
+                del self.conns[conn.key]
+                return
+
+    def respond(self, conn: M2Conn, request: core.Request) -> None:
+        started = time.monotonic() if self.log_access else 0.0
+        upload: UploadBody | None = None
+        if request.upload_start is not None:
+            try:
+                upload = self._open_upload(conn, request)
+            except UploadRefused as exc:
+                self.refuse(conn, request, str(exc))
+                return
+            read_some: Callable[[int], bytes] = upload.read_some
+        elif request.body:
+            read_some = io.BytesIO(request.body).read
+        else:
+            read_some = _no_body
+        try:
+            environ = self.base.copy()
+            environ.update(core.environ_from_request(request))
+            environ["wsgi.url_scheme"] = core.url_scheme(request)
+            environ["wsgi.input"] = BodyReader(read_some)
+            environ["wsgi.errors"] = ErrorStream()
+            environ["wsgi.input_terminated"] = True
+            response = BufferedResponse(self.app, environ, Reply(self, conn, request))
+            response.run()
+        finally:
+            if upload is not None:
+                with self.state_lock:
+                    conn.upload = None
+                upload.finish()
+        if self.log_access:
+            ProtocolServer.access_line(environ, response.status_code, response.body_bytes, started)
+
+    def _open_upload(self, conn: M2Conn, request: core.Request) -> UploadBody:
+        length_text = request.header("content-length") or ""
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise UploadRefused(f"upload without a valid Content-Length ({length_text!r})")
+        spool = SpoolFile(self.uploads, request.upload_start or "")
+        wake = self.engine.flag()
+        upload = UploadBody(spool, int(length_text), wake.wait, lambda: conn.gone, self.timeout)
+        with self.state_lock:
+            conn.wake = wake
+            conn.upload = upload
+        return upload
+
+    def refuse(self, conn: M2Conn, request: core.Request, reason: str) -> None:
+        """400 and close: the message is not one Mongrel2 makes, or names a file we may
+        not read. Logged once; nothing else happens."""
+        log.warning(
+            "refused a request from Mongrel2 (connection %s, %s %s): %s; answered 400",
+            request.conn_id,
+            request.headers.get("METHOD", "-"),
+            request.headers.get("PATH", request.path or "-"),
+            reason,
+        )
+        if request.upload_start and self.uploads.directory:
+            self._remove_spool(request.upload_start)
+        if conn.gone:
+            return
+        body = b"Bad Request\n"
+        headers = [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+        reply = Reply(self, conn, request)
+        head = core.response_head(request, "400 Bad Request", headers, chunked=False, close=True)
+        try:
+            self.publisher.send(reply.prefix + head + body, conn.epoch)
+            reply.close_connection()
+        except OSError as exc:
+            log.debug("400 not sent: %s", exc)
+
+    def _remove_spool(self, name: str) -> None:
+        """A refused upload's file, if it is one we may delete (it is in the upload
+        directory: named by Mongrel2, or by a client who guessed a random name)."""
+        try:
+            spool = SpoolFile(self.uploads, name)
+        except UploadRefused:
+            return
+        spool.close()
+        spool.delete()
