@@ -275,8 +275,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "threads",
         ("--threads",),
-        "Most requests served at once by a threaded backend; "
-        "at the bound, new connections wait in the listen queue.",
+        "Most requests served at once by a threaded backend (for http, at the bound new "
+        "connections wait in the listen queue; fastcgi and scgi bound connections with "
+        "--max-conns).",
         "Server",
         default=10,
         convert=positive_int,
@@ -331,8 +332,8 @@ OPTIONS: tuple[Option, ...] = (
         "middleware",
         ("--middleware",),
         "Wrap the application in WSGI middleware: a short name from chaussette.middleware "
-        "(gzip, buffer) or a dotted path to a callable taking the app; comma-separated and repeatable; the first "
-        "named is the outermost.",
+        "(gzip, buffer) or a dotted path to a callable taking the app; comma-separated and "
+        "repeatable; the first named is the outermost.",
         "Server",
         many=True,
         default=(),

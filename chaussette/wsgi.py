@@ -76,6 +76,8 @@ class Sink(Protocol):
 class ClientGone(Exception):
     """The peer went away while we were writing."""
 
+    logged = False  # the server logged the cause already: the response adds no line
+
 
 class BodyTruncated(ClientGone, ConnectionError):
     """The client stopped sending before the end of its body, or framed it wrongly.
@@ -344,12 +346,13 @@ class Response:
             self._complete()
         except ClientGone as exc:
             self.client_gone = True
-            log.info(
-                "client went away (%s %s): %s",
-                self.environ.get("REQUEST_METHOD"),
-                self.environ.get("PATH_INFO"),
-                exc.__cause__ or exc,
-            )
+            if not exc.logged:
+                log.info(
+                    "client went away (%s %s): %s",
+                    self.environ.get("REQUEST_METHOD"),
+                    self.environ.get("PATH_INFO"),
+                    exc.__cause__ or exc,
+                )
         except Exception:
             self.failed = True
             self._handle_error(sys.exc_info())

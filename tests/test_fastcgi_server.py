@@ -489,3 +489,136 @@ def test_request_model_parsing():
     assert parse_request_model("rplex").max is None
     for good in ("single", "free:timeout=1", "free:max=1"):
         parse_request_model(good)
+
+
+# -- bounds and timeouts --
+
+POOL_ARGS = {
+    "threads": ("--request-model", "free:max=2"),
+    "gevent": ("--spawn", "2"),
+    "eventlet": ("--spawn", "2"),
+}
+
+
+def get_soon(address: tuple[str, int]) -> Result:
+    """GET / on a new connection, waiting at most 5 s for each read."""
+    with FCGIClient(address, timeout=5) as client:
+        return client.request("/")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_silent_connections_take_no_request_slot(procs, engine):
+    """As many connections as request slots, each sending half a record and then nothing:
+    a good request on another connection is still answered."""
+    _, address = start(procs, engine, *POOL_ARGS[engine])
+    with FCGIClient(address) as one, FCGIClient(address) as two:
+        for client in (one, two):
+            client.send(fcgi.encode_begin_request(1)[:5])
+        assert ok(get_soon(address)) == b"hello"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_timeout_closes_a_connection_stuck_in_a_record(procs, engine):
+    proc, address = start(procs, engine, "--timeout", "1")
+    with FCGIClient(address) as stuck, FCGIClient(address) as other:
+        stuck.send(fcgi.encode_begin_request(1) + fcgi.encode_begin_request(2)[:3])
+        assert ok(other.request("/")) == b"hello"  # served meanwhile
+        assert stuck.closed_by_server()  # each wait bounded by the client's 10 s
+    assert ok(fcgi_get(address, "/")) == b"hello"
+    assert "Traceback" not in proc.output()
+
+
+def test_short_body_cuts_the_request_and_is_logged_once(server):
+    proc, address = server
+    seen = len(proc.output())
+    with FCGIClient(address) as client:
+        client.begin(1, params_for("/echo", "POST", b"x" * 100), body=None)
+        client.send_body(1, b"abc", end=True)  # 3 bytes of the 100 announced, then the end
+        assert client.closed_by_server()
+        assert not client.results[1].ended  # no END_REQUEST: the peer sees it cut
+        port = client.sock.getsockname()[1]
+    assert ok(fcgi_get(address, "/")) == b"hello"
+    lines = [
+        line
+        for line in proc.output()[seen:].splitlines()
+        if "WARNING" in line or "went away" in line or "ERROR" in line
+    ]
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0] and "3 of 100" in lines[0], lines
+    assert "Traceback" not in proc.output()[seen:]
+
+
+def test_short_body_beside_another_request_ends_with_app_status_1(server):
+    _, address = server
+    with FCGIClient(address) as client:
+        client.begin(1, params_for("/slow?s=0.5"))
+        client.begin(2, params_for("/echo", "POST", b"x" * 100), body=None)
+        client.send_body(2, b"abc", end=True)
+        result = client.result(2)
+        assert (result.app_status, result.protocol_status) == (1, 0)
+        assert ok(client.result(1)) == b"slow done"  # the connection goes on
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_body_flood_on_one_connection_is_bounded(procs, engine):
+    """800 requests on one connection, each with 250 000 body bytes the app never reads
+    and no end of body: the server stops reading the connection (a budget of unread body
+    bytes per connection) instead of buffering 200 MB, and still serves others."""
+    proc, address = start(procs, engine)
+    before = peak = rss_kb(proc.pid)
+    body = b"x" * 250_000
+    with FCGIClient(address, timeout=2) as flood:
+        for request_id in range(1, 801):
+            params = params_for("/slow?s=5", "POST", body + b"more")
+            data = flood.begin_bytes(request_id, params, body=None)
+            data += fcgi.encode_stream(fcgi.STDIN, request_id, body)
+            try:
+                flood.send(data)
+            except TimeoutError:
+                break  # the server stopped reading: what we want
+            peak = max(peak, rss_kb(proc.pid))
+        peak = max(peak, rss_kb(proc.pid))
+        assert ok(get_soon(address)) == b"hello"
+    assert (peak - before) < 64 * 1024, f"RSS grew by {(peak - before) // 1024} MB"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "model", "expected"),
+    [
+        ("fastcgi", "single", "FastCGI request model single: one request at a time"),
+        ("fastcgi", "free:max=3", "FastCGI request model free: at most 3 requests"),
+        ("scgi", "rplex", "SCGI request model rplex: apps called in at most 10 threads"),
+    ],
+)
+def test_startup_lines_say_the_request_model(procs, protocol, model, expected):
+    port = free_port()
+    proc = procs.chaussette(
+        "--protocol", protocol, "--port", str(port), "--request-model", model, APP
+    )
+    proc.wait_for_output(expected)
+    lines = proc.output().splitlines()
+    serving = [line for line in lines if "serving" in line]
+    assert len(serving) == 1 and "(--threads, --request-model)" in serving[0], serving
+    multiplexing = protocol == "fastcgi" and model != "single"
+    assert ("; multiplexing" in proc.output()) == multiplexing
+    assert "multiplexing" not in serving[0]
+
+
+@pytest.mark.parametrize("model", ["rplex", "single"])
+def test_short_body_cuts_the_request_in_other_models(procs, model):
+    proc, address = start(procs, "threads", "--request-model", model)
+    with FCGIClient(address) as client:
+        client.begin(1, params_for("/echo", "POST", b"x" * 100), body=None)
+        client.send_body(1, b"abc", end=True)
+        assert client.closed_by_server()
+        assert not client.results[1].ended
+    assert ok(fcgi_get(address, "/")) == b"hello"
+    assert proc.output().count("body ended after 3 of 100 bytes") == 1
+    assert "went away" not in proc.output()

@@ -243,3 +243,51 @@ def test_raw_handler(procs, engine):
     _, address = start(procs, engine, "--raw-handler", app="tests.fcgi_client:raw_echo")
     status, _, body = parse_cgi(scgi_request(address, "/", "PUT", b"payload"))
     assert (status, body) == (201, b"PUT payload")
+
+
+# -- bounds and timeouts --
+
+POOL_FLAG = {"threads": "--threads", "gevent": "--spawn", "eventlet": "--spawn"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_silent_connections_take_no_request_slot(procs, engine):
+    """As many connections as request slots, each sending the start of a netstring and then
+    nothing: a good request on another connection is still answered (the slots are taken
+    once a request head is complete, not on accept)."""
+    _, address = start(procs, engine, POOL_FLAG[engine], "2")
+    with connect(address) as one, connect(address) as two:
+        for sock in (one, two):
+            sock.sendall(b"5")
+        assert ok(scgi_request(address, "/", timeout=5)) == b"hello"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_timeout_closes_a_connection_stuck_in_its_head(procs, engine):
+    proc, address = start(procs, engine, "--timeout", "1")
+    with connect(address) as stuck:
+        stuck.sendall(b"40:CONTENT_LEN")  # half a netstring, then silence
+        assert ok(scgi_request(address, "/", timeout=5)) == b"hello"  # served meanwhile
+        assert read_until_closed(stuck) == b""  # closed: each wait bounded by 10 s
+    assert ok(scgi_request(address, "/")) == b"hello"
+    assert "Traceback" not in proc.output()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_short_body_is_logged_once(procs, engine):
+    proc, address = start(procs, engine)
+    seen = len(proc.output())
+    with connect(address) as sock:
+        data = request_bytes("/echo", "POST", b"x" * 100)
+        sock.sendall(data[:-97])  # the head and 3 body bytes, then the end
+        sock.shutdown(socket.SHUT_WR)
+        read_until_closed(sock)
+    assert ok(scgi_request(address, "/")) == b"hello"
+    lines = [
+        line
+        for line in proc.output()[seen:].splitlines()
+        if "WARNING" in line or "went away" in line or "ERROR" in line
+    ]
+    assert len(lines) == 1, lines
+    assert "still to come" in lines[0], lines
+    assert "Traceback" not in proc.output()[seen:]

@@ -184,14 +184,13 @@ BACKENDS += (
     _own(
         "fastcgi",
         "threads",
-        "chaussette's FastCGI on kept worker threads (--threads), multiplexing; "
-        "--request-model free[:max=N,timeout=T], rplex or single",
+        "chaussette's FastCGI on worker threads (--threads, --request-model)",
         threads=True,
     ),
     _own(
         "fastcgi",
         "gevent",
-        "chaussette's FastCGI on gevent, a greenlet per request (--spawn), multiplexing",
+        "chaussette's FastCGI on gevent, a greenlet per request (--spawn)",
         requires=("gevent",),
         extra="gevent",
         pool=True,
@@ -200,7 +199,7 @@ BACKENDS += (
     _own(
         "fastcgi",
         "eventlet",
-        "chaussette's FastCGI on eventlet, a green thread per request (--spawn), multiplexing",
+        "chaussette's FastCGI on eventlet, a green thread per request (--spawn)",
         requires=("eventlet",),
         extra="eventlet",
         pool=True,
@@ -209,14 +208,14 @@ BACKENDS += (
     _own(
         "scgi",
         "threads",
-        "chaussette's SCGI on kept worker threads (--threads); --request-model",
+        "chaussette's SCGI on worker threads (--threads, --request-model)",
         threads=True,
         keepalive=False,
     ),
     _own(
         "scgi",
         "gevent",
-        "chaussette's SCGI on gevent, a greenlet per connection (--spawn)",
+        "chaussette's SCGI on gevent, a greenlet per connection (--spawn requests at once)",
         requires=("gevent",),
         extra="gevent",
         pool=True,
@@ -226,7 +225,7 @@ BACKENDS += (
     _own(
         "scgi",
         "eventlet",
-        "chaussette's SCGI on eventlet, a green thread per connection (--spawn)",
+        "chaussette's SCGI on eventlet, a green thread per connection (--spawn requests at once)",
         requires=("eventlet",),
         extra="eventlet",
         pool=True,

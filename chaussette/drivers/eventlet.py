@@ -2,7 +2,8 @@
 
 Requests run in an ``eventlet.GreenPool`` of ``--spawn`` green threads (default 1000); when
 it is full the connection readers wait, reading no new request. Connections are bounded by
-``--max-conns`` (SCGI: also by ``--spawn``). The standard library is monkey-patched before
+``--max-conns`` (an SCGI connection takes one of the ``--spawn`` places once its header
+block is complete). The standard library is monkey-patched before
 the app is imported unless ``--no-monkey``; the listener is served through a green socket on
 a duplicate of its descriptor.
 """

@@ -11,9 +11,12 @@ new task take the reading over. Rules kept:
 - BEGIN_REQUEST beyond ``--max-reqs`` in flight (over all connections) gets
   FCGI_OVERLOADED at once;
 - the app starts when PARAMS is complete; STDIN feeds its ``wsgi.input`` as it arrives.
-  Up to ``STDIN_LIMIT`` unread bytes are buffered per request; beyond, the connection is not
-  read until the app reads (FastCGI has no per-request flow control, so other requests of
-  the same connection wait too);
+  Unread body bytes are bounded per request and per connection (``stdin.BodyBudget``);
+  over a bound the connection is not read until an app reads (FastCGI has no per-request
+  flow control, so other requests of the same connection wait too), except while an app
+  waits for its own body (up to a hard cap);
+- a body shorter than CONTENT_LENGTH: one warning line; an app reading past its end gets
+  BodyTruncated and its response is cut (as below);
 - ABORT_REQUEST: the app's next write fails, its iterable is closed, END_REQUEST says
   app status 2. The peer closing: the same for every request of the connection;
 - END_REQUEST with app status 0, or 1 when the app failed; a response the app broke off
@@ -45,7 +48,7 @@ from chaussette.drivers.server import (
     pending_bytes,
     send_all,
 )
-from chaussette.drivers.stdin import StdinBuffer
+from chaussette.drivers.stdin import BodyBudget, StdinBuffer
 from chaussette.protocols import fastcgi as core
 from chaussette.protocols.cgi import encode_head
 from chaussette.protocols.errors import RemoteProtocolError
@@ -169,6 +172,10 @@ class FastCGIConnection:
         self.lingered = 0  # bytes dropped after we closed our side
         self.read_since = 0.0  # the server's watchdog clock (engines without socket timeouts)
         self.write_since = 0.0
+        # unread body bytes over all the requests (none in ``single``: the app reads the
+        # connection itself), and the request whose own buffer the last batch filled
+        self.budget = None if self.single else BodyBudget(engine.flag, engine.core_lock())
+        self.full: StdinBuffer | None = None
 
     # -- the reader task --
 
@@ -187,7 +194,22 @@ class FastCGIConnection:
     def _read_loop(self) -> bool:
         """Read and act until the connection ends (True), or until the reading moved to
         another thread while this one ran a request (False)."""
+        budget = self.budget
         while True:
+            if (
+                budget is not None
+                and budget.blocked(self.full)
+                and not budget.wait(self.full, self.server.timeout)
+            ):
+                log.warning(
+                    "FastCGI peer %s: %d body bytes left unread by the apps for %s s; "
+                    "connection closed",
+                    self.peer,
+                    budget.unread,
+                    self.server.timeout,
+                )
+                return True
+            self.full = None
             data = self._recv()
             if data is None:
                 return True
@@ -284,26 +306,21 @@ class FastCGIConnection:
         for event in events:
             if type(event) is core.StdinData:
                 request = self.requests.get(event.request_id)
-                if (
-                    request is not None
-                    and request.stdin.feed(event.data)
-                    and not request.stdin.wait_room()
-                ):
-                    log.warning(
-                        "FastCGI peer %s: the app read none of its body for %s s; "
-                        "connection closed",
-                        self.peer,
-                        self.server.timeout,
-                    )
-                    return False
+                if request is not None and request.stdin.feed(event.data):
+                    self.full = request.stdin  # the reader waits before its next read
             elif type(event) is core.Params:
                 request = self.requests.get(event.request_id)
                 if request is not None and request.environ is None:
                     self._start(request, event.params)
             elif type(event) is core.StdinEnd:
                 request = self.requests.get(event.request_id)
-                if request is not None:
-                    request.stdin.end()
+                if request is not None and not request.stdin.end():
+                    log.warning(
+                        "FastCGI peer %s: request %d: %s",
+                        self.peer,
+                        request.id,
+                        request.stdin.error,
+                    )
             elif type(event) is core.Aborted:
                 self._abort(event.request_id)
         return True
@@ -333,7 +350,10 @@ class FastCGIConnection:
     def _start(self, request: FCGIRequest, params: dict[str, str]) -> None:
         """PARAMS is complete: start the app (after this batch of events, when the reader
         runs it itself)."""
-        request.environ = make_environ(params, self.server.base)
+        environ = request.environ = make_environ(params, self.server.base)
+        length = environ.get("CONTENT_LENGTH")
+        if length:
+            request.stdin.expected = int(length)  # a shorter body is cut (see ``_end``)
         if self.single or (self.inline is None and self.server.watcher is not None):
             self.inline = request
             return
@@ -378,7 +398,7 @@ class FastCGIConnection:
         timeout = self.server.timeout
         if self.single:
             return StdinBuffer(None, timeout, pump=self._pump)
-        return StdinBuffer(self.flag, timeout)
+        return StdinBuffer(self.flag, timeout, budget=self.budget)
 
     def _pump(self) -> None:
         """single model: the app wants body bytes: read the connection once."""
@@ -423,6 +443,8 @@ class FastCGIConnection:
         """The request is over: END_REQUEST (or the cut), then count it out. ``inline``:
         called by the connection's reader, which can simply stop reading."""
         request.stdin.close()
+        if request.stdin.overread:  # the app read past the end of a short body
+            request.cut = True
         request.environ = None  # its wsgi.errors refers to the request: no cycle for the GC
         if request.cut:
             status = APP_FAILED
@@ -506,6 +528,8 @@ class FastCGIConnection:
     def shut(self) -> None:
         with self.core_lock:
             self.closing = True
+        if self.budget is not None:
+            self.budget.stop()  # a reader waiting for the apps to read: let it see the end
         self._shutdown(socket.SHUT_RDWR)
 
     def expire(self) -> None:

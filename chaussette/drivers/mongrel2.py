@@ -7,15 +7,21 @@ on ``recv_spec`` (we publish with an XPUB socket: it also tells us when Mongrel2
 which is when we say "connected" and before which a reply would be dropped). The message
 format is ``chaussette.protocols.mongrel2``'s; this module does the I/O around it:
 
-- One task receives. A request is handed to a task of the engine's pool (``--threads`` or
-  ``--spawn`` at once; at the bound the receiver waits, so Mongrel2 queues, or gives the
-  requests to another handler process). Requests of one client connection run one after
-  the other, in the order they came (at most ``MAX_PIPELINE`` waiting; beyond, the
-  connection is closed).
+- Tasks (``Crew``) take turns receiving, and the task that receives a request runs it:
+  one task while requests are quick, more when all have been busy for ``HELP_DELAY``, at
+  most ``--threads`` or ``--spawn`` (at the bound nobody receives, so Mongrel2 holds the
+  requests or gives them to another handler process). Requests of one client connection
+  run one after the other, in the order they came (at most ``MAX_PIPELINE`` waiting;
+  beyond, the connection is closed). The sockets are pyzmq's own on every engine: OS
+  threads block in ZeroMQ's calls; gevent and eventlet make them non-blocking and wait for
+  ZeroMQ's descriptor in their hub (``zmq.green`` costs twice as much per message).
 - Replies: ZeroMQ sockets are not thread-safe, so the publisher is used under a lock by
   whichever task replies (the lock is the "full memory barrier" ZeroMQ asks for to move a
   socket between threads). It never drops a reply at its high-water mark
   (``XPUB_NODROP``): a task waits, up to ``--timeout``, then takes the client as gone.
+  Replies are never queued for a Mongrel2 that is not connected (``IMMEDIATE``), and one
+  for a request of a Mongrel2 that went away since is dropped (``Publisher.epoch``): the
+  Mongrel2 that comes back has new connections under the same ids.
 - A response goes out as its status line and headers for the client's HTTP version, then
   chunked when the app gave no Content-Length on HTTP/1.1 (on HTTP/1.0, the connection is
   closed to end it); a list body leaves in one message, a streamed one a message per chunk
@@ -77,7 +83,7 @@ SND_HWM = 1000  # replies queued for Mongrel2 before a replying task waits
 SUBSCRIBE_WAIT = 5.0  # seconds a first reply waits for Mongrel2 to subscribe
 MAX_CLOSED = 4096  # connections remembered as closed by us
 LINGER_MS = 2000  # at close, how long queued replies may still take to leave
-_EMPTY = b"".__class__()
+_EMPTY = b""  # an empty reply payload: Mongrel2 closes the connection
 
 
 Job = tuple["M2Conn", core.Request, "str | None"]  # a request to run, or to refuse (400)

@@ -115,7 +115,8 @@ def run_raw(handler: Callable[[RawRequest], Any], request: RawRequest, sink: Raw
         status = handler(request)
         request.stdout.flush()
     except ClientGone as exc:
-        log.info("client went away (%s %s): %s", *where, exc.__cause__ or exc)
+        if not exc.logged:
+            log.info("client went away (%s %s): %s", *where, exc.__cause__ or exc)
         return 1
     except OSError as exc:  # from flush: the peer went away
         log.info("client went away (%s %s): %s", *where, exc)

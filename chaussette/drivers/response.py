@@ -107,12 +107,13 @@ class SteppedResponse(BufferedResponse):
     def _caught(self, exc: BaseException) -> None:
         if isinstance(exc, ClientGone):
             self.client_gone = True
-            log.info(
-                "client went away (%s %s): %s",
-                self.environ.get("REQUEST_METHOD"),
-                self.environ.get("PATH_INFO"),
-                exc.__cause__ or exc,
-            )
+            if not exc.logged:
+                log.info(
+                    "client went away (%s %s): %s",
+                    self.environ.get("REQUEST_METHOD"),
+                    self.environ.get("PATH_INFO"),
+                    exc.__cause__ or exc,
+                )
         elif isinstance(exc, Exception):
             self.failed = True
             self._handle_error(sys.exc_info())

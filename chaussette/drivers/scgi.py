@@ -1,6 +1,8 @@
 """One SCGI connection (one request), written once for every engine.
 
-The connection's task reads the netstring header block, runs the app itself (``wsgi.input``
+The connection's task reads the netstring header block (holding no request slot: a
+silent or trickling peer costs a connection, bounded by ``--max-conns``, not one of the
+``--threads``/``--spawn`` slots), then takes a slot and runs the app itself (``wsgi.input``
 reads the rest of the body from the connection as the app asks for it), writes the response
 and closes: our side first, then the connection. Rules kept:
 
@@ -85,6 +87,9 @@ class SCGIConnection:
         self.in_request = True
         server = self.server
         server.begin_request(bounded=False)
+        pool = server.request_pool
+        if pool is not None:  # the head is complete: now take a request slot
+            pool.acquire()
         try:
             environ = make_environ(self.params, server.base)
             stdin = BodyReader(self.stdin.read_some)
@@ -100,6 +105,8 @@ class SCGIConnection:
                 except OSError:
                     pass
         finally:
+            if pool is not None:
+                pool.release()
             self.stdin.close()
             server.free_slot()
             server.end_request()
@@ -121,7 +128,7 @@ class SCGIConnection:
         except RemoteProtocolError as exc:
             if not self.closing:
                 log.warning("SCGI peer %s: %s; connection closed", self.peer, exc)
-            self.stdin.fail(f"bad request body: {exc}")
+            self.stdin.fail(f"bad request body: {exc}", logged=True)  # no second line
             self.cut = True
             return False
         for event in events:

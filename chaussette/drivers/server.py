@@ -1,11 +1,13 @@
 """The ``Server`` of chaussette's own protocols (FastCGI, SCGI) on any engine.
 
-- Connections are accepted while fewer than ``--max-conns`` are served (SCGI: also fewer
-  than the request bound, a connection being one request); at the bound new ones wait in
-  the listen queue. TCP_NODELAY is set on each, and ``--timeout`` bounds each of its
-  reads and writes: on threads the kernel does it (SO_RCVTIMEO/SO_SNDTIMEO on a blocking
-  socket: no poll() before each call); on greenlets one watchdog task closes a connection
-  whose read or write has waited that long (no timer made and cancelled per wait).
+- Connections are accepted while fewer than ``--max-conns`` are served; at the bound new
+  ones wait in the listen queue. A connection takes a request slot (``--threads``,
+  ``free:max``, ``--spawn``) only once a request head is complete: peers that connect and
+  say nothing, or trickle their header block, hold no slot. TCP_NODELAY is set on each,
+  and ``--timeout`` bounds each of its reads and writes: on threads the kernel does it
+  (SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket: no poll() before each call); on greenlets
+  one watchdog task closes a connection whose read or write has waited that long (no timer
+  made and cancelled per wait).
 - Requests are counted over all connections: ``in_flight`` (until their last byte is
   written), and FastCGI's ``--max-reqs`` (until their answer is complete).
 - How a request runs: on gevent/eventlet in a greenlet of a pool of ``--spawn``; on threads
@@ -199,12 +201,12 @@ class ProtocolServer(Server):
         self.conns: set[Connection] = set()
         self.draining = False
         self.drain_started = 0.0
-        conn_limit = settings.max_conns
-        if not self.multiplexing and self.model.kind != "single":
-            conn_limit = min(conn_limit, self.model.max or conn_limit)
-        self.conn_pool = engine.pool(conn_limit, self.model.timeout, "chaussette-conn")
+        # connections are bounded by --max-conns alone: a connection takes a request
+        # slot only once its request head is complete (SCGI: in its own task, with
+        # ``request_pool.acquire``), so silent peers hold no slot
+        self.conn_pool = engine.pool(settings.max_conns, self.model.timeout, "chaussette-conn")
         self.request_pool: Pool | None = None
-        if self.multiplexing and self.model.kind != "single":
+        if self.model.kind != "single":
             self.request_pool = engine.pool(
                 self.model.max or DEFAULT_SPAWN, self.model.timeout, "chaussette-request"
             )
@@ -221,7 +223,25 @@ class ProtocolServer(Server):
     # -- Server API --
 
     def start(self) -> None:
+        if self.engine.name == "threads":
+            log.info("%s", self.model_line())
         self.acceptor = self.engine.start_acceptor(self.listener.sock, self.conn_pool, self._serve)
+
+    def model_line(self) -> str:
+        """The request model in effect, for the log at start (threads)."""
+        model = self.model
+        kind = "FastCGI" if self.multiplexing else "SCGI"
+        if model.kind == "single":
+            what = "one request at a time per connection, in its thread"
+            if self.multiplexing:
+                what += " (no multiplexing)"
+        elif model.kind == "rplex":
+            what = f"apps called in at most {model.max} threads, responses written by one"
+        else:
+            what = f"at most {model.max} requests at once in threads kept {model.timeout:g} s"
+        if self.multiplexing and model.kind != "single":
+            what += "; multiplexing"
+        return f"{kind} request model {model.kind}: {what}"
 
     def stop_accepting(self) -> None:
         if self.acceptor is not None:

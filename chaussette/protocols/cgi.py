@@ -12,7 +12,5 @@ __all__ = ["encode_head"]
 
 def encode_head(status: str, headers: list[tuple[str, str]]) -> bytes:
     """Encode ``Status: <status>`` and the headers, ending with the empty line (latin-1)."""
-    lines = [f"Status: {status}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    lines = [f"{name}: {value}\r\n" for name, value in headers]
+    return f"Status: {status}\r\n{''.join(lines)}\r\n".encode("latin-1")
