@@ -435,6 +435,8 @@ def test_canned_headers_cannot_be_injected() -> None:
             CannedResponse("200 OK", bad, "")
     with pytest.raises(UsageError):
         CannedResponse("OK", [], "")
+    with pytest.raises(UsageError):
+        CannedResponse("200 \u2713", [], "")  # a status line is latin-1 text
 
 
 @pytest.fixture
@@ -524,6 +526,7 @@ def test_canned_usage_errors() -> None:
         (["--zeromq", H + "9", "--body", "{path.__class__.__init__}"], "is not a variable"),
         (["--zeromq", H + "9", "--header", "Content-Length: 1"], "set by the device"),
         (["--zeromq", H + "9", "--body-file", "/nonexistent/x"], "--body-file"),
+        (["--zeromq", H + "9", "--status", "200 \u2713"], "latin-1"),
     ]:  # fmt: skip
         done = subprocess.run(
             [sys.executable, "-m", "chaussette.devices.canned", *args],

@@ -160,6 +160,8 @@ class CannedResponse:
 
     def __init__(self, status: str, headers: Sequence[str], body: str) -> None:
         self.status = Template(status, "--status")
+        if not _latin1(status):
+            raise UsageError(f"--status {status!r}: a status line is latin-1 text")
         if not self.status.fields and not _STATUS.match(status):
             raise UsageError(f"--status {status!r}: expected 'NNN Reason', e.g. '200 OK'")
         self.headers: list[tuple[str, Template]] = []
@@ -180,7 +182,7 @@ class CannedResponse:
     def render(self, request: mongrel2.Request) -> tuple[bytes, bool]:
         """The HTTP response for ``request`` and whether to close the connection after."""
         status = self.status.render(request, _no_controls)
-        if not _STATUS.match(status):
+        if not _STATUS.match(status) or not _latin1(status):
             status = "500 Internal Server Error"  # a template made it invalid
         body = self.body.render_bytes(request)
         headers = [(name, t.render(request, _no_controls)) for name, t in self.headers]
@@ -261,7 +263,10 @@ class Canned:
                     msg = self.requests.recv(self.zmq.NOBLOCK)
                 except self.zmq.Again:
                     break
-                self.handle(msg)
+                try:
+                    self.handle(msg)
+                except Exception:  # one bad message must not stop the device
+                    log.exception("could not answer a message from Mongrel2")
         log.info("stopping after %d responses", self.answered)
         return 0
 

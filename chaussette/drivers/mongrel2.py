@@ -74,6 +74,7 @@ log = logging.getLogger("chaussette")
 access = logging.getLogger("chaussette.access")
 
 HELP_DELAY = 0.005  # seconds every thread may be busy before another one is added
+SHRINK_AFTER = 2.0  # seconds without that before one task beyond the first leaves
 TICK = 0.1  # seconds the receiver waits before it looks at its flags and subscriptions
 CHECK_EVERY = 256  # messages between two looks at subscriptions under load
 MAX_PIPELINE = 32  # requests of one client connection waiting behind the one running
@@ -325,7 +326,10 @@ class Crew:
     monitor adds a task when every task has been busy for ``HELP_DELAY`` (a slow app, or
     many requests at once), up to ``size`` (``--threads``, ``--spawn``): at that bound
     nobody receives, and Mongrel2 holds the requests (or gives them to another handler
-    process). A task beyond the first that finds nothing to do for ``IDLE_TIMEOUT`` leaves.
+    process). A task beyond the first leaves when no help was needed for ``SHRINK_AFTER``
+    (one at a time), or when it finds nothing to do for ``IDLE_TIMEOUT``: under a load of
+    quick requests one task serves best, since each handoff of the socket between tasks
+    costs context switches (and GIL handoffs) that a request in a loop does not.
     """
 
     def __init__(self, server: Mongrel2Server, size: int) -> None:
@@ -337,6 +341,7 @@ class Crew:
         self.tasks = 0
         self.free = 0  # tasks not running a request
         self.busy_since = 0.0  # when ``free`` last dropped to 0
+        self.needed_at = 0.0  # when help (another task) was last needed
         self.all_busy = engine.flag()
         self.stopped = False
 
@@ -372,11 +377,11 @@ class Crew:
             sleep(delay)
             clear()
             with self.lock:
-                help_needed = (
-                    not self.free
-                    and self.tasks < self.size
-                    and time.monotonic() - self.busy_since >= delay
-                )
+                now = time.monotonic()
+                help_needed = not self.free and now - self.busy_since >= delay
+                if help_needed:
+                    self.needed_at = now
+                    help_needed = self.tasks < self.size
                 if not self.free:
                     self.all_busy.set()  # look again after the next delay
             if help_needed and not self.stopped:
@@ -408,6 +413,13 @@ class Crew:
                 run(*job)
                 with lock:
                     self.free += 1
+                    if self.tasks > 1 and time.monotonic() - self.needed_at >= SHRINK_AFTER:
+                        # not needed lately: leave (and the next one only after as long)
+                        self.needed_at = time.monotonic()
+                        self.tasks -= 1
+                        self.free -= 1
+                        left = True
+                        return
         except Exception:
             log.exception("unexpected error in a Mongrel2 handler task")
         finally:

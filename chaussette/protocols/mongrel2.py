@@ -194,6 +194,16 @@ def parse_request(
         raise RemoteProtocolError(f"Mongrel2 message: bad connection id {raw_conn[:24]!r}")
     if not raw_path:
         raise RemoteProtocolError("Mongrel2 message: empty path")
+    fast = _flat_tnet_message(msg, space3 + 1, max_headers_size, max_body_size)
+    if fast is not None:
+        headers, body = fast
+        return Request(
+            raw_sender.decode("latin-1"),
+            raw_conn.decode("ascii"),
+            raw_path.decode("latin-1"),
+            headers,
+            body,
+        )
     try:
         raw_headers, pos = tnetstring.parse_at(
             msg, space3 + 1, max_length=max_headers_size, max_depth=2
@@ -218,6 +228,75 @@ def parse_request(
         headers,
         body,
     )
+
+
+def _flat_tnet_message(
+    msg: bytes, pos: int, max_headers_size: int, max_body_size: int
+) -> tuple[dict[str, str | list[str]], bytes] | None:
+    """HEADERS BODY from ``pos`` to the end of ``msg``, when HEADERS is a tnetstring dict of
+    string values (Mongrel2's usual message), or None: anything else -- a list value (a
+    repeated header), JSON headers, or bytes that are not exactly that -- is left to the
+    general parser, which gives the value or the error. Accepts nothing the general path
+    rejects: the same length syntax (digits, no leading zero), bounds, tags, UTF-8 keys
+    without repeats, and the body must end the message."""
+    find = msg.find
+    # the dict's header: ``LEN:``
+    colon = find(b":", pos, pos + 11)
+    if colon < 0:
+        return None
+    digits = msg[pos:colon]
+    if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
+        return None
+    size = int(digits)
+    if size > max_headers_size:
+        return None
+    pos = colon + 1
+    end = pos + size  # the dict's tag
+    if end >= len(msg) or msg[end] != 0x7D:  # }
+        return None
+    headers: dict[str, str | list[str]] = {}
+    while pos < end:
+        # a key, then a value: each ``LEN:BYTES,``
+        colon = find(b":", pos, pos + 11)
+        if colon < 0:
+            return None
+        digits = msg[pos:colon]
+        if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
+            return None
+        stop = colon + 1 + int(digits)
+        if stop >= end or msg[stop] != 0x2C:  # ,
+            return None
+        try:
+            key = msg[colon + 1 : stop].decode()
+        except UnicodeDecodeError:
+            return None
+        pos = stop + 1
+        colon = find(b":", pos, pos + 11)
+        if colon < 0:
+            return None
+        digits = msg[pos:colon]
+        if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
+            return None
+        stop = colon + 1 + int(digits)
+        if stop >= end or msg[stop] != 0x2C or key in headers:
+            return None
+        headers[key] = msg[colon + 1 : stop].decode("latin-1")
+        pos = stop + 1
+    if pos != end:
+        return None
+    # the body: ``LEN:BYTES,`` ending the message
+    pos = end + 1
+    colon = find(b":", pos, pos + 11)
+    if colon < 0:
+        return None
+    digits = msg[pos:colon]
+    if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
+        return None
+    size = int(digits)
+    stop = colon + 1 + size
+    if size > max_body_size or stop != len(msg) - 1 or msg[stop] != 0x2C:
+        return None
+    return headers, msg[colon + 1 : stop]
 
 
 def _tnet_headers(raw: dict[str, object]) -> dict[str, str | list[str]]:
