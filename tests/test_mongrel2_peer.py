@@ -335,3 +335,69 @@ def test_uploads_refused_without_an_upload_dir(procs, m2):
     assert len(left) == 1, left
     left[0].unlink()
     assert proc.output().count("answered 400") == 1, proc.output()
+
+
+M2_LIMIT = 20480  # limits.content_length: the fixture's Mongrel2 keeps the default
+
+
+@pytest.mark.parametrize(
+    ("backend", "where"),
+    [("threads", "--m2-config"), ("gevent", "--zeromq")],
+)
+def test_upload_headers_on_an_unspooled_request_touch_no_file(procs, m2, backend, where):
+    """Mongrel2 spools (and names a file in upload headers) only for a Content-Length over
+    its limit: upload headers on any other request are a client's, naming perhaps another
+    client's spool file. 400, and that file is neither read nor deleted."""
+    if where == "--m2-config":
+        args = ("--m2-config", str(m2.config), "--m2-handler", "/app")
+    else:
+        args = ("--zeromq", m2.tnet, "--upload-dir", "tmp")
+    proc = handler(procs, m2, backend, *args)
+    victim = m2.uploads / "upload.victim"
+    victim.write_bytes(b"another client's upload")
+    name = "tmp/upload.victim"
+    start = f"X-Mongrel2-Upload-Start: {name}"
+    done = f"X-Mongrel2-Upload-Done: {name}"
+    forged = [
+        # a start naming the file (defect: it was opened, then deleted after the response)
+        request_bytes("POST", "/app/echo", start, "Content-Length: 0"),
+        request_bytes("GET", "/app/echo", start),  # no Content-Length at all
+        request_bytes("POST", "/app/echo", start, body=b"inline"),
+        # the largest body Mongrel2 passes inline: never spooled
+        request_bytes("POST", "/app/echo", start, body=b"x" * M2_LIMIT),
+        # start and done on a plain request (defect: never answered)
+        request_bytes("GET", "/app/", start, done),
+        request_bytes("POST", "/app/echo", start, done, "Content-Length: 0"),
+    ]
+    try:
+        for raw in forged:
+            with Conn(m2.address) as conn:
+                conn.send(raw)
+                resp = conn.response()
+                assert resp.status == 400, (raw[:120], resp.raw[:200])
+                assert conn.closed_by_server()
+            assert victim.read_bytes() == b"another client's upload", raw[:120]
+        # pipelined behind a forged done: the 400 closes the connection, so the second
+        # request gets no response that could be taken for the first one's
+        with Conn(m2.address) as conn:
+            conn.send(
+                request_bytes("GET", "/app/", start, done, close=False)
+                + request_bytes("GET", "/app/pid")
+            )
+            assert conn.response().status == 400
+            assert conn.closed_by_server()
+        assert victim.read_bytes() == b"another client's upload"
+        # still serving: plain requests, and a real upload (its own file removed after)
+        assert http_request(m2.address, "/app/").body == b"hello"
+        body = os.urandom(M2_LIMIT + 1)
+        resp = http_request(m2.address, "/app/echo", "POST", body)
+        assert resp.body == f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()
+        assert wait_until(lambda: list(m2.uploads.iterdir()) == [victim])
+        assert victim.read_bytes() == b"another client's upload"
+        out = proc.output()
+        assert out.count("answered 400") == len(forged) + 1, out
+        assert "bodies over 20480 bytes (limits.content_length), so not its" in out, out
+        assert "without a valid Content-Length ('')" in out, out
+        assert_clean(proc)
+    finally:
+        victim.unlink()

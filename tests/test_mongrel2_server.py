@@ -19,7 +19,7 @@ import pytest
 
 from chaussette.drivers import m2config
 from chaussette.drivers.m2config import UploadPlace, load_handler, parse_zeromq
-from chaussette.drivers.m2upload import UploadRefused, resolve
+from chaussette.drivers.m2upload import UploadRefused, resolve, spooled_length
 from chaussette.errors import UsageError
 from chaussette.protocols import mongrel2 as core
 from tests.conftest import error_line, require_module, run_chaussette
@@ -312,9 +312,14 @@ def test_upload_is_read_while_it_is_written(procs, fake, short_tmp):
     other = uploads / "upload.other1"
     other.write_bytes(b"someone else's")
     fake.send("20", "/echo", method="POST", **upload_headers(str(spool), len(data), True))
-    fake.send("21", "/echo", method="POST", **upload_headers(str(other), 14, True))
+    fake.send("21", "/echo", method="POST", **upload_headers(str(other), 30_000, True))
     fake.poll(0.5)
     assert "21" not in fake.frames and other.read_bytes() == b"someone else's"
+    # the same done with a Content-Length Mongrel2 passes inline: a client's request, 400
+    fake.send("22", "/echo", method="POST", **upload_headers(str(other), 20480, True))
+    assert fake.response("22").startswith(b"HTTP/1.1 400 Bad Request")
+    fake.wait("22", lambda f: b"" in f)
+    assert other.read_bytes() == b"someone else's"
     assert "Traceback" not in proc.output()
 
 
@@ -324,16 +329,16 @@ def test_upload_cut_short_by_the_done_message(procs, fake, short_tmp):
     proc = start_handler(procs, fake, "--upload-dir", str(uploads))
     spool = uploads / "upload.short1"
     spool.write_bytes(b"x" * 1000)
-    fake.send("30", "/echo", method="POST", **upload_headers(str(spool), 5000))
+    fake.send("30", "/echo", method="POST", **upload_headers(str(spool), 25_000))
     fake.poll(0.2)
-    fake.send("30", "/echo", method="POST", **upload_headers(str(spool), 5000, True))
+    fake.send("30", "/echo", method="POST", **upload_headers(str(spool), 25_000, True))
     # the app's read fails (the body is truncated): the request ends without an answer
     # from the app, and the spool file is removed
     deadline = time.monotonic() + 10
     while spool.exists() and time.monotonic() < deadline:
         fake.poll(0.05)
     assert not spool.exists()
-    assert "ended 4000 bytes short" in proc.output()
+    assert "ended 24000 bytes short" in proc.output()
     fake.send("31", "/")
     assert body_of(fake.response("31")) == b"hello"
 
@@ -351,7 +356,7 @@ def test_upload_paths_outside_the_directory_are_refused(procs, fake, short_tmp):
     names += ["", str(uploads), f"{uploads}/."]
     for number, name in enumerate(names, 40):
         conn = str(number)
-        fake.send(conn, "/echo", method="POST", **upload_headers(name, 6))
+        fake.send(conn, "/echo", method="POST", **upload_headers(name, 30_000))
         assert fake.response(conn).startswith(b"HTTP/1.1 400 Bad Request"), name
         fake.wait(conn, lambda f: b"" in f)
     assert secret.read_bytes() == b"secret" and (uploads / "link").is_symlink()
@@ -385,7 +390,12 @@ def test_parse_zeromq():
             parse_zeromq(bad)
 
 
-def make_db(path: Path, chroot: str = "./", store: str | None = "tmp/upload.XXXXXX") -> None:
+def make_db(
+    path: Path,
+    chroot: str = "./",
+    store: str | None = "tmp/upload.XXXXXX",
+    limit: str | None = None,
+) -> None:
     db = sqlite3.connect(path)
     db.executescript(
         """
@@ -410,6 +420,8 @@ def make_db(path: Path, chroot: str = "./", store: str | None = "tmp/upload.XXXX
     )
     if store:
         db.execute("INSERT INTO setting VALUES (1, 'upload.temp_store', ?)", (store,))
+    if limit is not None:
+        db.execute("INSERT INTO setting VALUES (2, 'limits.content_length', ?)", (limit,))
     db.commit()
     db.close()
 
@@ -449,6 +461,23 @@ def test_m2_config_upload_place(tmp_path):
     path = tmp_path / "b.sqlite"
     make_db(path, store=None)
     assert load_handler(str(path), "one").upload == UploadPlace(None)
+    # Mongrel2's limits.content_length: only bodies over it are spooled
+    assert load_handler(str(path), "one").upload.content_limit == 20480  # unset: default
+    path = tmp_path / "c.sqlite"
+    make_db(path, limit="1000")
+    assert load_handler(str(path), "one").upload.content_limit == 1000
+    path = tmp_path / "d.sqlite"
+    make_db(path, limit="lots")
+    with pytest.raises(UsageError, match="'lots' is not a number"):
+        load_handler(str(path), "one")
+
+
+def test_spooled_length():
+    place = UploadPlace("/srv/up", None, 1000)
+    assert spooled_length(place, "1001") == 1001
+    for bad in (None, "", "0", "1000", "-5", "1e4", " 2000", "\uff12\uff10\uff10\uff10", "9" * 30):
+        with pytest.raises(UploadRefused):
+            spooled_length(place, bad)
 
 
 def test_resolve_upload_paths(tmp_path):

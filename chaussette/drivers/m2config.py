@@ -15,6 +15,10 @@ Rules kept:
 - The upload directory is derived from the ``upload.temp_store`` setting and the server's
   ``chroot``, taken relative to the database's directory (``m2sh start`` and the usual
   deployments run Mongrel2 there). Upload paths in messages are relative to that root.
+- Mongrel2 spools a body to a file only when its Content-Length exceeds the
+  ``limits.content_length`` setting (``DEFAULT_CONTENT_LIMIT`` when unset): read from the
+  database with ``--m2-config``, assumed to be the default otherwise. The driver takes an
+  upload message with a smaller (or no) Content-Length for a forged one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from urllib.parse import quote
 
 from chaussette.errors import UsageError
 
+DEFAULT_CONTENT_LIMIT = 20480  # Mongrel2's limits.content_length when the setting is unset
 _ANY_HOSTS = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}
 
 
@@ -38,11 +43,13 @@ class Endpoints:
 
 @dataclass(frozen=True)
 class UploadPlace:
-    """Where async uploads may be: ``directory`` (None: uploads refused) and the root
-    relative upload paths in messages resolve against (None: the working directory)."""
+    """Where async uploads may be: ``directory`` (None: uploads refused), the root
+    relative upload paths in messages resolve against (None: the working directory), and
+    Mongrel2's ``limits.content_length``: only a body longer than that is spooled."""
 
     directory: str | None
     root: str | None = None
+    content_limit: int = DEFAULT_CONTENT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -205,10 +212,15 @@ def _select(
 
 
 def _upload_place(
-    path: str, handler: _Handler, routes: list[_Route], chroots: dict[int, str], store: str | None
+    path: str,
+    handler: _Handler,
+    routes: list[_Route],
+    chroots: dict[int, str],
+    store: str | None,
+    limit: int,
 ) -> UploadPlace:
     if not store:
-        return UploadPlace(None)
+        return UploadPlace(None, content_limit=limit)
     servers = [r.server_id for r in routes if r.handler_id == handler.id]
     chroot = chroots.get(servers[0], "") if servers else ""
     if not chroot and len(chroots) == 1:
@@ -217,7 +229,17 @@ def _upload_place(
     root = os.path.normpath(os.path.join(base, chroot or "."))
     # Mongrel2 opens its temp_store inside its root (an absolute one too, once chrooted)
     directory = os.path.dirname(os.path.join(root, store.lstrip("/")))
-    return UploadPlace(os.path.realpath(directory), root)
+    return UploadPlace(os.path.realpath(directory), root, limit)
+
+
+def _content_limit(path: str, value: str | None) -> int:
+    """Mongrel2's ``limits.content_length`` (it reads the setting as a decimal integer)."""
+    if value is None:
+        return DEFAULT_CONTENT_LIMIT
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()):
+        raise UsageError(f"--m2-config {path}: limits.content_length {value!r} is not a number")
+    return int(text)
 
 
 def load_handler(path: str, selector: str | None) -> HandlerConfig:
@@ -229,7 +251,9 @@ def load_handler(path: str, selector: str | None) -> HandlerConfig:
         recv = connectable(handler.recv_spec)
     except ValueError as exc:
         raise UsageError(f"--m2-config {path}: handler {handler.send_ident}: {exc}") from None
-    upload = _upload_place(path, handler, routes, chroots, settings.get("upload.temp_store"))
+    limit = _content_limit(path, settings.get("limits.content_length"))
+    store = settings.get("upload.temp_store")
+    upload = _upload_place(path, handler, routes, chroots, store, limit)
     return HandlerConfig(
         Endpoints(send, recv),
         handler.send_ident,

@@ -5,6 +5,11 @@ Mongrel2 spools a body over its ``limits.content_length`` to a file and sends tw
 complete, the same headers plus ``x-mongrel2-upload-done: PATH``. Clients can send headers
 of those names too and Mongrel2 passes them through, so PATH is never trusted:
 
+- Mongrel2 spools a body only when the request's Content-Length exceeds its
+  ``limits.content_length`` (``UploadPlace.content_limit``), and then writes the upload
+  headers itself over any the client sent. An upload header on a request with a smaller
+  or no Content-Length is the client's: refused, and the file it names is neither opened
+  nor deleted (it may be another client's spool file);
 - the upload directory is configured (``--upload-dir``, or derived from ``--m2-config``);
   without one every upload is refused;
 - PATH resolves (symbolic links followed, ``..`` collapsed) to a file directly in that
@@ -35,6 +40,27 @@ POLL_MAX = 0.05
 
 class UploadRefused(Exception):
     """The upload path is not one we may read: answer 400."""
+
+
+MAX_LENGTH_DIGITS = 19  # a Content-Length longer than this is no body Mongrel2 took
+
+
+def spooled_length(place: UploadPlace, content_length: str | None) -> int:
+    """The body length of an upload message whose Content-Length is ``content_length``;
+    UploadRefused when Mongrel2 does not spool a body of that length (it passes bodies up
+    to ``limits.content_length`` inline): the upload headers are the client's."""
+    text = content_length or ""
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_LENGTH_DIGITS):
+        raise UploadRefused(
+            f"upload header on a request without a valid Content-Length ({text!r}): not Mongrel2's"
+        )
+    length = int(text)
+    if length <= place.content_limit:
+        raise UploadRefused(
+            f"upload header on a request of Content-Length {length}: Mongrel2 spools only "
+            f"bodies over {place.content_limit} bytes (limits.content_length), so not its"
+        )
+    return length
 
 
 def resolve(place: UploadPlace, name: str) -> str:

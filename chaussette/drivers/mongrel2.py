@@ -31,11 +31,14 @@ format is ``chaussette.protocols.mongrel2``'s; this module does the I/O around i
 - A disconnect message marks the connection gone: its response stops at the next chunk
   (the app's iterable is closed), an upload read fails, its queued requests are dropped.
 - Async uploads (``m2upload.py``): the request runs as soon as the upload-start message
-  comes, reading ``wsgi.input`` from the spool file while Mongrel2 writes it. A message with
-  upload headers Mongrel2 cannot have produced, or a path outside the upload directory, is
-  answered 400 and the connection closed; nothing outside that directory is ever read or
-  deleted. A done message for an upload this process did not start (PUSH may give the two
-  messages to different handler processes) is ignored.
+  comes, reading ``wsgi.input`` from the spool file while Mongrel2 writes it. Mongrel2
+  spools only a body whose Content-Length exceeds its ``limits.content_length``, and then
+  sets the upload headers itself: upload headers on any other request are a client's. A
+  message with upload headers Mongrel2 cannot have produced, or a path outside the upload
+  directory, is answered 400 and the connection closed; nothing outside that directory is
+  ever read or deleted, and a spool file only for a request Mongrel2 spooled. A genuine
+  done message for an upload this process did not start (PUSH may give the two messages
+  to different handler processes) is ignored.
 - A drain (SIGTERM, SIGHUP): stop receiving, serve what was already received, disconnect;
   the requests in flight finish. Mongrel2 holds new requests until a handler connects
   (or gives them to the other handler processes). Requests Mongrel2 had already pushed to
@@ -57,7 +60,13 @@ from chaussette.backends.base import Server
 from chaussette.drivers.engine import Engine, Flag, ThreadEngine
 from chaussette.drivers.environ import SERVER_SOFTWARE, base_environ
 from chaussette.drivers.m2config import Endpoints, UploadPlace, load_handler, parse_zeromq
-from chaussette.drivers.m2upload import SpoolFile, UploadBody, UploadRefused, resolve
+from chaussette.drivers.m2upload import (
+    SpoolFile,
+    UploadBody,
+    UploadRefused,
+    resolve,
+    spooled_length,
+)
 from chaussette.drivers.response import BufferedResponse
 from chaussette.drivers.server import DEFAULT_SPAWN, IDLE_TIMEOUT, ProtocolServer
 from chaussette.errors import UsageError
@@ -81,10 +90,13 @@ MAX_PIPELINE = 32  # requests of one client connection waiting behind the one ru
 RCV_HWM = 64  # requests queued in this process before Mongrel2 holds them (or gives
 # them to another handler process)
 SND_HWM = 1000  # replies queued for Mongrel2 before a replying task waits
+# seconds between two looks at the subscriptions when replying: a look costs a lock and a
+# getsockopt (some µs); a Mongrel2 that went away and came back is seen in time anyway,
+# since ZeroMQ reconnects after 100 ms at the earliest (ZMQ_RECONNECT_IVL)
+SUBSCRIPTION_CHECK = 0.001
 SUBSCRIBE_WAIT = 5.0  # seconds a first reply waits for Mongrel2 to subscribe
 MAX_CLOSED = 4096  # connections remembered as closed by us
 LINGER_MS = 2000  # at close, how long queued replies may still take to leave
-_EMPTY = b""  # an empty reply payload: Mongrel2 closes the connection
 
 
 Job = tuple["M2Conn", core.Request, "str | None"]  # a request to run, or to refuse (400)
@@ -98,7 +110,7 @@ class M2Conn:
     def __init__(self, key: tuple[str, str]) -> None:
         self.key = key
         self.epoch = 0  # the Mongrel2 it came from (Publisher.epoch)
-        self.prefix = core.encode_reply(key[0], key[1:], _EMPTY)  # of each reply to it
+        self.prefix = core.reply_prefix(key[0], key[1])  # of each reply to it
         self.backlog: deque[tuple[core.Request, str | None]] = deque()
         self.gone = False  # Mongrel2 said the client went away
         self.closed = False  # we asked Mongrel2 to close it
@@ -135,15 +147,24 @@ class Publisher:
         # counts the times Mongrel2 went away: a reply to a request received before is
         # dropped, never given to the Mongrel2 that came back (its connection ids are new)
         self.epoch = 0
+        self.checked = 0.0  # when the subscriptions were last read (time.monotonic)
         self.warned = False
         self.closed = False
 
     def epoch_now(self) -> int:
         """The epoch a request received now belongs to."""
-        with self.lock:
-            if not self.closed and self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN:
-                self._read_subscriptions()
+        if self.subscribed and time.monotonic() - self.checked < SUBSCRIPTION_CHECK:
             return self.epoch
+        with self.lock:
+            if not self.closed:
+                self._look()
+            return self.epoch
+
+    def _look(self) -> None:
+        """Under the lock: take note of what Mongrel2 (un)subscribed, if anything."""
+        self.checked = time.monotonic()
+        if self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN:
+            self._read_subscriptions()
 
     def send(self, frame: bytes, epoch: int) -> None:
         """Publish one reply to a request of ``epoch``; ConnectionError when it cannot
@@ -151,8 +172,8 @@ class Publisher:
         with self.lock:
             if self.closed:
                 raise ConnectionAbortedError("the handler is closing")
-            if self.sock.getsockopt(self.zmq.EVENTS) & self.zmq.POLLIN:
-                self._read_subscriptions()
+            if not self.subscribed or time.monotonic() - self.checked >= SUBSCRIPTION_CHECK:
+                self._look()
             if epoch != self.epoch:
                 raise ConnectionAbortedError("Mongrel2 went away since the request came")
             if not self.subscribed:
@@ -448,6 +469,7 @@ class Mongrel2Server(Server):
 
         self.zmq = zmq
         self.endpoints, self.uploads, self.where = self._endpoints(settings)
+        self.settings_from_db = bool(settings.m2_config)  # limits.content_length read there
         identity = settings.m2_identity or self.endpoints.identity
         self.identity = identity.encode() if identity else None
         self.timeout: float | None = settings.timeout or None
@@ -481,7 +503,7 @@ class Mongrel2Server(Server):
             config = load_handler(settings.m2_config, settings.m2_handler)
             place = config.upload
             if chosen:
-                place = UploadPlace(chosen, place.root)
+                place = UploadPlace(chosen, place.root, place.content_limit)
             elif place.directory and not os.path.isdir(place.directory):
                 log.warning(
                     "upload directory %s (from Mongrel2's upload.temp_store) does not exist",
@@ -518,7 +540,13 @@ class Mongrel2Server(Server):
         if self.uploads.directory is None:
             log.info("async uploads are refused (400): no --upload-dir")
         else:
-            log.info("async uploads read from %s", self.uploads.directory)
+            log.info(
+                "async uploads read from %s (bodies over %d bytes: Mongrel2's "
+                "limits.content_length%s)",
+                self.uploads.directory,
+                self.uploads.content_limit,
+                "" if self.settings_from_db else ", assumed: the default",
+            )
         self.crew = Crew(self, self.size)
         self.crew.start()
 
@@ -664,7 +692,11 @@ class Mongrel2Server(Server):
 
     def _malformed(self, msg: bytes, exc: RemoteProtocolError) -> Job | None:
         parts = msg.split(b" ", 2)
-        if len(parts) < 2 or not parts[1].isdigit() or not 0 < len(parts[0]) <= 256:
+        if (
+            len(parts) < 2
+            or not (parts[1].isdigit() and len(parts[1]) <= 20)
+            or not 0 < len(parts[0]) <= 256
+        ):
             log.warning("dropped a message Mongrel2 sent: %s", exc)
             return None
         request = core.Request(parts[0].decode("latin-1"), parts[1].decode(), "", {}, b"")
@@ -692,6 +724,12 @@ class Mongrel2Server(Server):
 
     def _upload_done(self, request: core.Request) -> Job | None:
         name = request.upload_done
+        try:
+            # a done message of Mongrel2's carries the request's headers: its Content-Length
+            # is over the limit. Any other is a client's request, to answer (400)
+            spooled_length(self.uploads, request.header("content-length"))
+        except UploadRefused as exc:
+            return self._enqueue(request, str(exc))
         with self.state_lock:
             conn = self.conns.get((request.sender, request.conn_id))
             upload = conn.upload if conn is not None else None
@@ -705,7 +743,7 @@ class Mongrel2Server(Server):
             resolve(self.uploads, name or "")
         except UploadRefused as exc:
             return self._enqueue(request, str(exc))
-        # the start went to another handler process (or was forged): not ours to answer
+        # the start went to another handler process: not ours to answer
         log.debug("upload-done for %s on connection %s: not started here", name, request.conn_id)
         return None
 
@@ -796,12 +834,10 @@ class Mongrel2Server(Server):
             ProtocolServer.access_line(environ, response.status_code, response.body_bytes, started)
 
     def _open_upload(self, conn: M2Conn, request: core.Request) -> UploadBody:
-        length_text = request.header("content-length") or ""
-        if not (length_text.isascii() and length_text.isdigit()):
-            raise UploadRefused(f"upload without a valid Content-Length ({length_text!r})")
+        length = spooled_length(self.uploads, request.header("content-length"))
         spool = SpoolFile(self.uploads, request.upload_start or "")
         wake = self.engine.flag()
-        upload = UploadBody(spool, int(length_text), wake.wait, lambda: conn.gone, self.timeout)
+        upload = UploadBody(spool, length, wake.wait, lambda: conn.gone, self.timeout)
         with self.state_lock:
             conn.wake = wake
             conn.upload = upload
@@ -817,7 +853,7 @@ class Mongrel2Server(Server):
             request.headers.get("PATH", request.path or "-"),
             reason,
         )
-        if request.upload_start and self.uploads.directory:
+        if request.upload_start and self.uploads.directory and self._spooled(request):
             self._remove_spool(request.upload_start)
         if conn.gone:
             return
@@ -831,9 +867,18 @@ class Mongrel2Server(Server):
         except OSError as exc:
             log.debug("400 not sent: %s", exc)
 
+    def _spooled(self, request: core.Request) -> bool:
+        """Whether Mongrel2 spooled this request's body (so the upload-start header is
+        its own, naming the file it made for this request)."""
+        try:
+            spooled_length(self.uploads, request.header("content-length"))
+        except UploadRefused:
+            return False
+        return True
+
     def _remove_spool(self, name: str) -> None:
-        """A refused upload's file, if it is one we may delete (it is in the upload
-        directory: named by Mongrel2, or by a client who guessed a random name)."""
+        """A refused upload's file, named by Mongrel2 (``_spooled``), if it is one we may
+        delete: a regular file in the upload directory."""
         try:
             spool = SpoolFile(self.uploads, name)
         except UploadRefused:

@@ -196,13 +196,12 @@ def parse_request(
         raise RemoteProtocolError("Mongrel2 message: empty path")
     fast = _flat_tnet_message(msg, space3 + 1, max_headers_size, max_body_size)
     if fast is not None:
-        headers, body = fast
         return Request(
             raw_sender.decode("latin-1"),
             raw_conn.decode("ascii"),
             raw_path.decode("latin-1"),
-            headers,
-            body,
+            fast[0],
+            fast[1],
         )
     try:
         raw_headers, pos = tnetstring.parse_at(
@@ -239,64 +238,93 @@ def _flat_tnet_message(
     general parser, which gives the value or the error. Accepts nothing the general path
     rejects: the same length syntax (digits, no leading zero), bounds, tags, UTF-8 keys
     without repeats, and the body must end the message."""
-    find = msg.find
-    # the dict's header: ``LEN:``
-    colon = find(b":", pos, pos + 11)
-    if colon < 0:
+    size = _netstring_size(msg, pos, max_headers_size)
+    if size < 0:
         return None
-    digits = msg[pos:colon]
-    if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
-        return None
-    size = int(digits)
-    if size > max_headers_size:
-        return None
-    pos = colon + 1
-    end = pos + size  # the dict's tag
+    colon = msg.find(b":", pos)
+    end = colon + 1 + size  # the dict's tag
     if end >= len(msg) or msg[end] != 0x7D:  # }
         return None
-    headers: dict[str, str | list[str]] = {}
-    while pos < end:
-        # a key, then a value: each ``LEN:BYTES,``
-        colon = find(b":", pos, pos + 11)
-        if colon < 0:
-            return None
-        digits = msg[pos:colon]
-        if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
-            return None
-        stop = colon + 1 + int(digits)
-        if stop >= end or msg[stop] != 0x2C:  # ,
-            return None
-        try:
-            key = msg[colon + 1 : stop].decode()
-        except UnicodeDecodeError:
-            return None
-        pos = stop + 1
-        colon = find(b":", pos, pos + 11)
-        if colon < 0:
-            return None
-        digits = msg[pos:colon]
-        if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
-            return None
-        stop = colon + 1 + int(digits)
-        if stop >= end or msg[stop] != 0x2C or key in headers:
-            return None
-        headers[key] = msg[colon + 1 : stop].decode("latin-1")
-        pos = stop + 1
-    if pos != end:
+    headers = _flat_dict(msg[colon + 1 : end])
+    if headers is None:
         return None
     # the body: ``LEN:BYTES,`` ending the message
-    pos = end + 1
-    colon = find(b":", pos, pos + 11)
-    if colon < 0:
+    size = _netstring_size(msg, end + 1, max_body_size)
+    if size < 0:
         return None
-    digits = msg[pos:colon]
-    if not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
-        return None
-    size = int(digits)
+    colon = msg.find(b":", end + 1)
     stop = colon + 1 + size
-    if size > max_body_size or stop != len(msg) - 1 or msg[stop] != 0x2C:
+    if stop != len(msg) - 1 or msg[stop] != 0x2C:  # ,
         return None
     return headers, msg[colon + 1 : stop]
+
+
+def _netstring_size(msg: bytes, pos: int, bound: int) -> int:
+    """The length declared at ``pos`` (digits, no leading zero, at most ``bound``), or -1."""
+    colon = msg.find(b":", pos, pos + 11)
+    digits = msg[pos:colon]
+    if colon < 0 or not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
+        return -1
+    size = int(digits)
+    return size if size <= bound else -1
+
+
+_MAX_LISTED = 1024
+_LENGTHS = tuple(b"%d" % n for n in range(_MAX_LISTED))  # the canonical digits of a length
+
+
+def _flat_dict(payload: bytes) -> dict[str, str | list[str]] | None:
+    """A dict payload of string items only (``LEN:BYTES,`` each), or None.
+
+    Split at every comma, then each item is read from its piece: ``LEN:`` and the bytes,
+    joined again with the next pieces while they are shorter than LEN (the bytes held a
+    comma). The byte after an item is then always a comma, its tag; an item of another
+    type (its tag is not a comma) never adds up to its length exactly, and gives None."""
+    pieces = payload.split(b",")
+    if pieces.pop():  # the payload must end with an item's comma
+        return None
+    headers: dict[str, str | list[str]] = {}
+    key: str | None = None
+    rest = iter(pieces)
+    lengths = _LENGTHS
+    for piece in rest:
+        digits, colon, data = piece.partition(b":")
+        size = len(data)
+        if not (colon and size < _MAX_LISTED and digits == lengths[size]):
+            # a longer item, one that held a comma, or not a string item at all
+            if (
+                not colon
+                or not digits.isdigit()
+                or len(digits) > 10
+                or (digits[0] == 0x30 and len(digits) > 1)
+            ):
+                return None
+            size = int(digits)
+            if len(data) != size:
+                if len(data) > size:
+                    return None
+                parts = [data]
+                total = len(data)
+                while total < size:
+                    more = next(rest, None)
+                    if more is None:
+                        return None
+                    parts.append(more)
+                    total += 1 + len(more)
+                if total != size:
+                    return None
+                data = b",".join(parts)
+        if key is None:
+            try:
+                key = data.decode()
+            except UnicodeDecodeError:
+                return None
+            if key in headers:
+                return None
+        else:
+            headers[key] = data.decode("latin-1")
+            key = None
+    return headers if key is None else None
 
 
 def _tnet_headers(raw: dict[str, object]) -> dict[str, str | list[str]]:
@@ -380,6 +408,12 @@ def encode_reply(sender: str, conn_ids: Iterable[str], payload: bytes) -> bytes:
     return b"%s %d:%s, %s" % (sender.encode("latin-1"), len(ids), ids, payload)
 
 
+def reply_prefix(sender: str, conn_id: str) -> bytes:
+    """``encode_reply(sender, [conn_id], b"")`` for an id already known to be decimal
+    digits (a parsed request's): the start of every reply to that connection."""
+    return b"%s %d:%s, " % (sender.encode("latin-1"), len(conn_id), conn_id.encode("ascii"))
+
+
 def parse_reply(msg: tnetstring.Buffer) -> tuple[str, list[str], bytes]:
     """The inverse of ``encode_reply`` (for tests and devices): sender, ids, payload."""
     msg = bytes(msg)
@@ -437,47 +471,65 @@ def _host_port(host: str, scheme: str) -> tuple[str, str]:
     return host, default
 
 
+def _text(value: str | list[str] | None, default: str) -> str:
+    if value is None:
+        return default
+    return value if type(value) is str else value[0]
+
+
+# header key -> its environ name ("" for a key that is not one), for the keys seen so far;
+# bounded, since a client chooses them (past the bound a name is worked out each time)
+_ENV_NAMES: dict[str, str] = {}
+_MAX_ENV_NAMES = 1024
+
+
+def _env_name(key: str) -> str:
+    if key in _SERVER_KEYS or not _HEADER_NAME.match(key) or key.startswith("x-mongrel2-upload-"):
+        name = ""
+    elif key == "content-type":
+        name = "CONTENT_TYPE"
+    elif key == "content-length":
+        name = "CONTENT_LENGTH"
+    else:
+        name = "HTTP_" + key.upper().replace("-", "_")
+    if len(_ENV_NAMES) < _MAX_ENV_NAMES:
+        _ENV_NAMES[key] = name
+    return name
+
+
 def environ_from_request(request: Request) -> dict[str, str]:
     """The CGI part of the WSGI environ (no ``wsgi.*`` keys), by the module docstring's
     rule; ``url_scheme(request)`` gives ``wsgi.url_scheme``."""
     headers = request.headers
     get = headers.get
-
-    def text(key: str, default: str = "") -> str:
-        value = get(key)
-        if value is None:
-            return default
-        return value if type(value) is str else value[0]
-
-    path = text("PATH", request.path)
-    script_name, path_info = _split_path(path, text("PATTERN"))
+    path = _text(get("PATH"), request.path)
+    script_name, path_info = _split_path(path, _text(get("PATTERN"), ""))
     scheme = url_scheme(request)
-    host = text("host")
+    host = _text(get("host"), "")
     server_name, server_port = _host_port(host, scheme) if host else ("localhost", "")
     if not server_port:
         server_port = "443" if scheme == "https" else "80"
     environ = {
-        "REQUEST_METHOD": text("METHOD", "GET"),
+        "REQUEST_METHOD": _text(get("METHOD"), "GET"),
         "SCRIPT_NAME": _unquote(script_name),
         "PATH_INFO": _unquote(path_info),
-        "QUERY_STRING": text("QUERY"),
-        "REQUEST_URI": text("URI", path),
-        "SERVER_PROTOCOL": text("VERSION", "HTTP/1.1"),
+        "QUERY_STRING": _text(get("QUERY"), ""),
+        "REQUEST_URI": _text(get("URI"), path),
+        "SERVER_PROTOCOL": _text(get("VERSION"), "HTTP/1.1"),
         "SERVER_NAME": server_name,
         "SERVER_PORT": server_port,
-        "REMOTE_ADDR": text("REMOTE_ADDR"),
+        "REMOTE_ADDR": _text(get("REMOTE_ADDR"), ""),
     }
+    names = _ENV_NAMES
     for key, value in headers.items():
-        if key in _SERVER_KEYS or not _HEADER_NAME.match(key):
+        name = names.get(key)
+        if name is None:
+            name = _env_name(key)
+        if not name:
             continue
         if type(value) is not str:
             value = ("; " if key == "cookie" else ", ").join(value)
-        if key == "content-type":
-            environ["CONTENT_TYPE"] = value
-        elif key == "content-length":
-            environ["CONTENT_LENGTH"] = value
-        elif not key.startswith("x-mongrel2-upload-"):
-            environ["HTTP_" + key.upper().replace("-", "_")] = value
+        environ[name] = value
     if "CONTENT_LENGTH" not in environ and request.body:
         environ["CONTENT_LENGTH"] = str(len(request.body))
     return environ
