@@ -363,6 +363,37 @@ class Watcher:
                     self._arm(watch)
 
 
+class GreenAcceptor:
+    """The accept loop of a greenlet engine: one task on a cooperative copy of the listener,
+    waiting for room in the pool before each accept. ``spawn`` starts the loop, ``sleep``
+    yields; the engine gives its own socket copy and how to kill the task."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        pool: Pool,
+        handle: Handler,
+        spawn: Callable[[Callable[[], None]], Any],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.sock = sock
+        self.pool = pool
+        self.handle = handle
+        self._sleep = sleep
+        self.task = spawn(self._loop)
+
+    def stop(self) -> None:
+        self.task.kill()
+        self.sock.close()
+
+    def _loop(self) -> None:
+        while True:
+            self.pool.wait_available()
+            conn = accept(self.sock, self._sleep)
+            if conn is not None:
+                self.pool.submit(self.handle, *conn)
+
+
 class ThreadAcceptor:
     """A thread accepting on a non-blocking listener, woken by a pipe to stop."""
 
@@ -405,8 +436,9 @@ class ThreadAcceptor:
                     self.pool.submit(self.handle, *conn)
 
 
-def accept(sock: Any) -> tuple[Any, Any] | None:
-    """One ``accept``; None when there was nothing (or an error worth only a log line)."""
+def accept(sock: Any, sleep: Callable[[float], None] = time.sleep) -> tuple[Any, Any] | None:
+    """One ``accept``; None when there was nothing (or an error worth only a log line).
+    Out of descriptors or memory, it backs off 0.1 s with ``sleep`` (the engine's own)."""
     try:
         conn, addr = sock.accept()
     except BlockingIOError:
@@ -414,7 +446,7 @@ def accept(sock: Any) -> tuple[Any, Any] | None:
     except OSError as exc:
         if exc.errno in RETRY_ACCEPT:
             log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
-            time.sleep(0.1)
+            sleep(0.1)
         elif exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
             log.error("accept failed: %s", exc)
         return None

@@ -10,7 +10,6 @@ a duplicate of its descriptor.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections.abc import Callable
@@ -26,10 +25,10 @@ import eventlet.greenio  # isort: skip
 import eventlet.semaphore  # isort: skip
 from eventlet.green import select as green_select  # isort: skip
 
-from chaussette.drivers.engine import RETRY_ACCEPT, Acceptor, Engine, Flag, Handler, Pool
+from chaussette.drivers.engine import Acceptor, Engine, Flag, GreenAcceptor, Handler, Pool
 from chaussette.drivers.fastcgi import FastCGIConnection
 from chaussette.drivers.scgi import SCGIConnection
-from chaussette.drivers.server import ProtocolServer, log
+from chaussette.drivers.server import ProtocolServer
 
 if TYPE_CHECKING:
     from chaussette.settings import Settings
@@ -83,33 +82,6 @@ class EventletPool:
         return
 
 
-class EventletAcceptor:
-    def __init__(self, sock: socket.socket, pool: Pool, handle: Handler) -> None:
-        raw = eventlet.patcher.original("socket").socket(fileno=os.dup(sock.fileno()))
-        self.sock = eventlet.greenio.GreenSocket(raw)
-        self.pool = pool
-        self.handle = handle
-        self.thread = eventlet.spawn(self._loop)
-
-    def stop(self) -> None:
-        self.thread.kill()
-        self.sock.close()
-
-    def _loop(self) -> None:
-        while True:
-            self.pool.wait_available()
-            try:
-                conn, addr = self.sock.accept()
-            except OSError as exc:
-                if exc.errno in RETRY_ACCEPT:
-                    log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
-                    eventlet.sleep(0.1)
-                elif exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
-                    log.error("accept failed: %s", exc)
-                continue
-            self.pool.submit(self.handle, conn, addr)
-
-
 class EventletEngine(Engine):
     name = "eventlet"
     multithread = False
@@ -132,7 +104,15 @@ class EventletEngine(Engine):
         eventlet.sleep(seconds)
 
     def start_acceptor(self, sock: socket.socket, pool: Pool, handle: Handler) -> Acceptor:
-        return EventletAcceptor(sock, pool, handle)
+        return GreenAcceptor(
+            eventlet.greenio.GreenSocket(
+                eventlet.patcher.original("socket").socket(fileno=os.dup(sock.fileno()))
+            ),
+            pool,
+            handle,
+            eventlet.spawn,
+            eventlet.sleep,
+        )
 
     def wait_readable(self, fd: int, timeout: float | None) -> None:
         green_select.select([fd], [], [], timeout)

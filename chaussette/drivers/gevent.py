@@ -10,7 +10,6 @@ served through a gevent socket on a duplicate of its descriptor.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 from collections.abc import Callable
@@ -25,17 +24,17 @@ import gevent.socket
 
 from chaussette.backends.gevent import GreenServer, _route_hub_errors
 from chaussette.drivers.engine import (
-    RETRY_ACCEPT,
     Acceptor,
     Engine,
     FdWatcher,
     Flag,
+    GreenAcceptor,
     Handler,
     Pool,
 )
 from chaussette.drivers.fastcgi import FastCGIConnection
 from chaussette.drivers.scgi import SCGIConnection
-from chaussette.drivers.server import ProtocolServer, log
+from chaussette.drivers.server import ProtocolServer
 
 if TYPE_CHECKING:
     from chaussette.settings import Settings
@@ -94,32 +93,6 @@ class GeventWatcher:
         io.stop()
 
 
-class GeventAcceptor:
-    def __init__(self, sock: socket.socket, pool: Pool, handle: Handler) -> None:
-        self.sock = gevent.socket.socket(fileno=os.dup(sock.fileno()))
-        self.pool = pool
-        self.handle = handle
-        self.greenlet = gevent.spawn(self._loop)
-
-    def stop(self) -> None:
-        self.greenlet.kill()
-        self.sock.close()
-
-    def _loop(self) -> None:
-        while True:
-            self.pool.wait_available()
-            try:
-                conn, addr = self.sock.accept()
-            except OSError as exc:
-                if exc.errno in RETRY_ACCEPT:
-                    log.error("accept failed: %s; retrying in 0.1 s", exc.strerror)
-                    gevent.sleep(0.1)
-                elif exc.errno not in (errno.EAGAIN, errno.ECONNABORTED):
-                    log.error("accept failed: %s", exc)
-                continue
-            self.pool.submit(self.handle, conn, addr)
-
-
 class GeventEngine(Engine):
     name = "gevent"
     multithread = False
@@ -144,7 +117,8 @@ class GeventEngine(Engine):
 
     def start_acceptor(self, sock: socket.socket, pool: Pool, handle: Handler) -> Acceptor:
         _route_hub_errors(gevent.get_hub())
-        return GeventAcceptor(sock, pool, handle)
+        green = gevent.socket.socket(fileno=os.dup(sock.fileno()))
+        return GreenAcceptor(green, pool, handle, gevent.spawn, gevent.sleep)
 
     def wait_readable(self, fd: int, timeout: float | None) -> None:
         gevent.select.select([fd], [], [], timeout)
