@@ -97,6 +97,8 @@ def start(
     if pre_hook is not None:
         call_hook(settings, "pre_hook", pre_hook)
     post_hook = load_hook(settings, "post_hook")  # a typo is reported now, not at the end
+    for name in settings.middleware:  # likewise, before any app import or fork
+        middleware.check_name(name)
     listener = sockets.get_listener(settings) if info.listens else sockets.outbound(settings)
     try:
         if settings.workers:

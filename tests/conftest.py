@@ -19,7 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -101,6 +103,9 @@ def error_line(output: str) -> str:
     assert len(errors) == 1, output
     assert lines[-1] == errors[0], output
     return errors[0]
+
+
+T = TypeVar("T")
 
 
 class Proc:
@@ -400,22 +405,41 @@ def read_until(sock: socket.socket, marker: bytes, data: bytes = b"") -> bytes:
     return data
 
 
+def poll_until(
+    probe: Callable[[], T | None],
+    what: str,
+    proc: Proc | None = None,
+    timeout: float = 20,
+    interval: float = 0.05,
+) -> T:
+    """Call ``probe`` until it gives a true value (an OSError or AssertionError means "not
+    yet"); fail naming ``what`` when time runs out or ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise AssertionError(
+                f"{what}: process exited {proc.popen.returncode}:\n{proc.output()}"
+            )
+        try:
+            result = probe()
+        except (OSError, AssertionError) as exc:
+            last = exc
+        else:
+            if result:
+                return result
+        time.sleep(interval)
+    extra = f"\n{proc.output()}" if proc else ""
+    raise AssertionError(f"{what}: not reached in {timeout} s (last: {last}){extra}")
+
+
 def wait_http(
     address: tuple[str, int] | str, proc: Proc | None = None, path: str = "/", timeout: float = 20
 ) -> HTTPResponse:
     """Poll until an HTTP request succeeds (a TCP connect alone proves nothing)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc is not None and proc.popen.poll() is not None:
-            raise AssertionError(f"process exited {proc.popen.returncode}:\n{proc.output()}")
-        try:
-            return http_request(address, path, timeout=5)
-        except (OSError, AssertionError) as exc:
-            last = exc
-            time.sleep(0.05)
-    extra = f"\n{proc.output()}" if proc else ""
-    raise AssertionError(f"no HTTP answer from {address}: {last}{extra}")
+    return poll_until(
+        lambda: http_request(address, path, timeout=5), f"HTTP answer from {address}", proc, timeout
+    )
 
 
 @pytest.fixture

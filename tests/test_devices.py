@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 
-zmq = pytest.importorskip("zmq")
+from tests.conftest import require_module
+
+require_module("zmq", "pip install pyzmq")
+import zmq  # noqa: E402
 
 from chaussette.devices.canned import CannedResponse, Template  # noqa: E402
 from chaussette.errors import UsageError  # noqa: E402

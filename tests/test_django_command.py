@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, child_env, free_port, wait_http
+from tests.conftest import Proc, child_env, free_port, require_module, wait_http
 from tests.test_workers import wait_serving
 
-pytest.importorskip("django")
+require_module("django", "pip install django")
 
 VIEWS = '''\
 """Added by tests/test_django_command.py after startproject."""
@@ -134,7 +134,7 @@ def test_http_on_addr_port(procs, project) -> None:
 
 
 def test_chaussette_options_workers_and_gevent(procs, project) -> None:
-    pytest.importorskip("gevent")
+    require_module("gevent", "pip install gevent")
     port = free_port()
     proc = runchaussette(
         procs,

@@ -25,7 +25,7 @@ from chaussette.errors import UsageError
 from chaussette.protocols import fastcgi as fcgi
 from chaussette.settings import check, parse_args, parse_request_model
 from tests.apps.gateway_app import FIRST, SECOND
-from tests.conftest import Proc, chaussette_cmd, free_port
+from tests.conftest import Proc, chaussette_cmd, free_port, poll_until
 from tests.fcgi_client import FCGIClient, Result, fcgi_get, params_for
 
 ENGINES = ["threads", "gevent", "eventlet"]
@@ -34,19 +34,10 @@ LOCAL = "127.0.0.1"
 
 
 def wait_fcgi(address: tuple[str, int] | str, proc: Proc, timeout: float = 20) -> None:
-    """Poll until a FastCGI request succeeds (a connect alone proves nothing)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"exited {proc.popen.returncode}:\n{proc.output()}")
-        try:
-            if fcgi_get(address, "/").ended:
-                return
-        except (OSError, AssertionError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"no FastCGI answer from {address}: {last}\n{proc.output()}")
+    """Poll until a request succeeds (a connect alone proves nothing)."""
+    poll_until(
+        lambda: fcgi_get(address, "/").ended, f"FastCGI answer from {address}", proc, timeout
+    )
 
 
 def start(procs, engine: str, *args: str, app: str = APP) -> tuple[Proc, tuple[str, int]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, ROUTES_APP, Proc, free_port, http_request, wait_http
+from tests.conftest import ROOT, ROUTES_APP, Proc, free_port, http_request, poll_until, wait_http
 
 EXAMPLES = ROOT / "examples"
 
@@ -127,14 +127,7 @@ def manager_log(proc: Proc, *extra: Path) -> str:
 
 
 def wait_until(check: Callable[[], bool], what: str, proc: Proc, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        if proc.popen.poll() is not None:
-            break
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not reached\n{proc.output()}")
+    poll_until(check, what, proc, timeout, interval=0.1)
 
 
 # -- Circus --

@@ -30,6 +30,7 @@ from tests.conftest import (
     free_port,
     http_request,
     request_bytes,
+    require_module,
     run_chaussette,
     wait_http,
 )
@@ -587,6 +588,7 @@ def test_fastcgi_gzip(procs) -> None:
         ("nosuch.module:mw", "--middleware nosuch.module:mw: no module named 'nosuch'"),
         ("tests.test_middleware:Nope", "has no attribute 'Nope'"),
         ("tests.test_middleware:TEXT", "not a callable"),
+        ("gzip:level=9", "the short name 'gzip' takes no options"),
     ],
 )
 def test_bad_name_is_a_usage_error(name: str, expected: str) -> None:
@@ -596,9 +598,29 @@ def test_bad_name_is_a_usage_error(name: str, expected: str) -> None:
     assert "Traceback" not in output
 
 
+def test_unknown_short_name_is_refused_before_the_app_is_imported(tmp_path) -> None:
+    marker = tmp_path / "imported"
+    app = tmp_path / "touchy.py"
+    app.write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "def application(environ, start_response):\n"
+        "    start_response('200 OK', [])\n"
+        "    return [b'']\n"
+    )
+    code, output = run_chaussette(
+        "--port", str(free_port()), "--middleware", "zip", "--python-path", str(tmp_path),
+        "touchy:application",
+    )  # fmt: skip
+    assert code == 2, output
+    assert "unknown middleware" in error_line(output)
+    assert not marker.exists()  # the app module was never imported
+
+
 def test_mongrel2_gzip(procs) -> None:
     """The same through chaussette's Mongrel2 handler (a fake Mongrel2 of real sockets)."""
-    zmq = pytest.importorskip("zmq")
+    require_module("zmq", "pip install pyzmq")
+    import zmq
+
     from chaussette.protocols import mongrel2
     from tests.test_devices import SENDER, FakeMongrel2, headers_for
 

@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Proc, child_env, free_port, http_request, wait_http
+from tests.conftest import (
+    ROOT,
+    Proc,
+    child_env,
+    free_port,
+    http_request,
+    require_module,
+    wait_http,
+)
 from tests.test_workers import wait_serving
 
-pytest.importorskip("paste.deploy")
+require_module("paste.deploy", "pip install PasteDeploy")
 
 PSERVE = Path(sys.executable).parent / "pserve"
 LOAD = (
@@ -133,7 +141,7 @@ def test_unix_socket_with_mode_and_settings_by_name(procs, tmp_path, short_tmp) 
     ],
 )
 def test_gevent_monkey_switches(procs, tmp_path, switches, expected) -> None:
-    pytest.importorskip("gevent")
+    require_module("gevent", "pip install gevent")
     port = free_port()
     ini = write_ini(tmp_path, f"port = {port}\nbackend = gevent\n{switches}")
     proc = load(procs, ini)
@@ -230,7 +238,7 @@ def test_pserve_fastcgi_on_a_unix_socket(procs, tmp_path, short_tmp) -> None:
 def test_fastcgi_with_workers_and_gevent_switches(procs, tmp_path, backend) -> None:
     from tests.fcgi_client import fcgi_get
 
-    pytest.importorskip("gevent")
+    require_module("gevent", "pip install gevent")
     port = free_port()
     switches = "gevent.monkey.patch_thread = false" if backend == "gevent" else ""
     ini = write_ini(

@@ -20,7 +20,7 @@ import pytest
 
 from chaussette.protocols import scgi
 from tests.apps.gateway_app import FIRST, SECOND
-from tests.conftest import Proc, chaussette_cmd, connect, free_port, read_until_closed
+from tests.conftest import Proc, chaussette_cmd, connect, free_port, poll_until, read_until_closed
 from tests.fcgi_client import params_for, parse_cgi, scgi_request
 
 ENGINES = ["threads", "gevent", "eventlet"]
@@ -29,18 +29,13 @@ LOCAL = "127.0.0.1"
 
 
 def wait_scgi(address: tuple[str, int] | str, proc: Proc, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"exited {proc.popen.returncode}:\n{proc.output()}")
-        try:
-            if scgi_request(address, "/").startswith(b"Status: "):
-                return
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"no SCGI answer from {address}: {last}\n{proc.output()}")
+    """Poll until a request succeeds (a connect alone proves nothing)."""
+    poll_until(
+        lambda: scgi_request(address, "/").startswith(b"Status: "),
+        f"SCGI answer from {address}",
+        proc,
+        timeout,
+    )
 
 
 def start(procs, engine: str, *args: str, app: str = APP) -> tuple[Proc, tuple[str, int]]:

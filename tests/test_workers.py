@@ -25,6 +25,7 @@ from tests.conftest import (
     free_port,
     http_request,
     parse_response,
+    poll_until,
     read_all,
     wait_http,
 )
@@ -67,12 +68,7 @@ BACKENDS = {
 
 
 def wait_until(what: str, condition: Callable[[], object], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    poll_until(condition, what, timeout=timeout)
 
 
 def wait_serving(proc: Proc, count: int, timeout: float = 20) -> None:

@@ -634,7 +634,7 @@ class Mongrel2Server(Server):
                 msg = self.recv()
             except zmq.ZMQError as exc:
                 log.error("receiving from Mongrel2 failed: %s", exc)
-                time.sleep(TICK)
+                self.engine.sleep(TICK)
                 continue
             if msg is None:
                 self.publisher.check()
@@ -770,6 +770,7 @@ class Mongrel2Server(Server):
             log.warning(
                 "connection %s sent over %d requests ahead: closed", request.conn_id, MAX_PIPELINE
             )
+            self.closing(conn)  # what Mongrel2 sent before it acts on the close is dropped
             self._send_quietly(conn.prefix, conn.epoch)
             return None
         conn.epoch = self.publisher.epoch_now()

@@ -31,21 +31,33 @@ def load(name: str) -> Middleware:
     from chaussette import apps
     from chaussette.errors import AppLoadError, UsageError
 
-    spec = MIDDLEWARE.get(name)
-    if spec is None:
-        if "." not in name and ":" not in name:
-            known = ", ".join(sorted(MIDDLEWARE))
-            raise UsageError(
-                f"--middleware {name}: unknown middleware (short names: {known}; "
-                "or a dotted path such as pkg.module:factory)"
-            )
-        spec = name
+    check_name(name)
+    spec = MIDDLEWARE.get(name, name)
     try:
         return apps.load_callable(spec, "--middleware")
     except AppLoadError as exc:
         if exc.user_exc is not None:
             raise
         raise UsageError(str(exc)) from None
+
+
+def check_name(name: str) -> None:
+    """Refuse what needs no import to refuse: an unknown short name, or options written
+    after a short name (``gzip:level=9``), which take none."""
+    from chaussette.errors import UsageError
+
+    known = ", ".join(sorted(MIDDLEWARE))
+    head = name.replace(":", ".").split(".", 1)[0]
+    if name not in MIDDLEWARE and head in MIDDLEWARE:
+        raise UsageError(
+            f"--middleware {name}: the short name {head!r} takes no options; "
+            "for a configured one give a dotted path such as pkg.module:factory"
+        )
+    if name not in MIDDLEWARE and "." not in name and ":" not in name:
+        raise UsageError(
+            f"--middleware {name}: unknown middleware (short names: {known}; "
+            "or a dotted path such as pkg.module:factory)"
+        )
 
 
 def wrap(app: Any, names: Sequence[str]) -> Any:
