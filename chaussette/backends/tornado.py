@@ -25,17 +25,24 @@ for the client is bounded by ``--timeout``, as is the wait for a next request (t
 line than ``--limit-request-line`` gets 414. TCP_NODELAY is set on every accepted TCP
 connection and kept on (tornado would turn it off between responses).
 
-Drain: tornado stops accepting; idle keep-alive connections are closed at once; a response
-started during the drain says ``Connection: close`` and its connection is closed after it.
-It is done when no request is being received, run or sent.
+Drain: tornado stops accepting; a connection waiting for its next request after serving
+one (idle keep-alive) is closed at once; one accepted but still silent gets ``FRESH_GRACE``
+seconds to send its first request (its client sent it, or is about to: closing it would
+fail a request no other worker can take over); never one with request bytes already
+received. A response started during the drain says ``Connection: close`` and its
+connection is closed after it. It is done when no request is being received, run or sent
+and no connection is left waiting for its grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import queue
 import socket
+import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -74,6 +81,23 @@ MAX_LINE = 4096  # a chunk-size line or a trailer field
 MAX_TRAILERS = 100
 _BODYLESS = frozenset((204, 304))
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+FRESH_GRACE = 1.0  # seconds a silent new connection may still send its request in a drain
+SWEEP = 0.1  # seconds between two looks at waiting connections while draining
+
+
+def _pending_bytes(stream: Any) -> int:
+    """Request bytes received on a connection and not parsed yet: in tornado's buffer or
+    in the kernel's (0 when unknown)."""
+    count: int = getattr(stream, "_read_buffer_size", 0)
+    sock = stream.socket
+    if sock is None:
+        return count
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return count
+    unread: int = struct.unpack("i", raw)[0]
+    return count + unread
 
 
 class _BadChunk(Exception):
@@ -230,10 +254,11 @@ class _Sink:
 class _Request(HTTPMessageDelegate):
     """One request on one connection, from its headers to the end of its response."""
 
-    def __init__(self, gateway: _Gateway, server_conn: Any, conn: Any) -> None:
+    def __init__(self, gateway: _Gateway, server_conn: Any, conn: Any, first: bool) -> None:
         self.gateway = gateway
         self.server_conn = server_conn
         self.conn = conn
+        self.first = first  # the first request of its connection (none was served yet)
         self.start_line: RequestStartLine
         self.headers: HTTPHeaders
         self.chunks: list[bytes] = []
@@ -387,7 +412,11 @@ class _Gateway(HTTPServerConnectionDelegate):
         self.current: dict[Any, _Request] = {}  # IOLoop thread only
         self.lock = threading.Lock()
         self.active: set[_Request] = set()
+        # connections a drain waits for with no request in flight: silent new ones (for
+        # FRESH_GRACE) and ones with request bytes received (written by the IOLoop thread)
+        self.holding: set[Any] = set()
         self.draining = False
+        self.drain_started = 0.0
         self.drained = threading.Event()
 
     # -- the IOLoop thread --
@@ -396,24 +425,53 @@ class _Gateway(HTTPServerConnectionDelegate):
         previous = self.current.get(server_conn)
         if previous is not None:
             previous.connection_done()  # its response is sent: the connection is idle
-        request = self.current[server_conn] = _Request(self, server_conn, request_conn)
+        request = _Request(self, server_conn, request_conn, first=previous is None)
+        self.current[server_conn] = request
         if self.draining:
-            server_conn.stream.close()
+            self.settle(server_conn, request)
+            self.check_drained()
         return request
 
     def connection_closed(self, server_conn: Any) -> None:
         request = self.current.pop(server_conn, None)
+        with self.lock:
+            self.holding.discard(server_conn)
         if request is not None:
             request.connection_done()
+        self.check_drained()
 
     def drain(self) -> None:
         with self.lock:
             self.draining = True
-            if not self.active:
-                self.drained.set()
+            self.drain_started = time.monotonic()
+        self.sweep()
+
+    def sweep(self) -> None:
+        """While draining: close the connections waiting for a request that the drain need
+        not wait for, and look again soon while some are left waiting."""
         for server_conn, request in list(self.current.items()):
-            if not request.tracked:  # waiting for a next request
-                server_conn.stream.close()
+            if not request.tracked:
+                self.settle(server_conn, request)
+        self.check_drained()
+        if self.holding:
+            self.ioloop.call_later(SWEEP, self.sweep)
+
+    def settle(self, server_conn: Any, request: _Request) -> None:
+        """A connection waiting for a request in a drain: close it if idle after a
+        response, or silent since its accept for FRESH_GRACE; else the drain waits for it."""
+        fresh = request.first and time.monotonic() - self.drain_started < FRESH_GRACE
+        if fresh or _pending_bytes(server_conn.stream):
+            with self.lock:
+                self.holding.add(server_conn)
+            return
+        with self.lock:
+            self.holding.discard(server_conn)
+        server_conn.stream.close()
+
+    def check_drained(self) -> None:
+        with self.lock:
+            if self.draining and not self.active and not self.holding:
+                self.drained.set()
 
     # -- any thread --
 
@@ -421,13 +479,14 @@ class _Gateway(HTTPServerConnectionDelegate):
         with self.lock:
             request.tracked = True
             self.active.add(request)
+            self.holding.discard(request.server_conn)
 
     def release(self, request: _Request) -> None:
         with self.lock:
             if request.tracked and request.conn_done and not request.running:
                 request.tracked = False
                 self.active.discard(request)
-                if self.draining and not self.active:
+                if self.draining and not self.active and not self.holding:
                     self.drained.set()
 
     # -- a pool thread --

@@ -7,9 +7,13 @@
   app. Request bodies are read whole by the loop (spooled to a temp file past 512 KiB)
   before the app runs; chunked bodies arrive de-chunked, with a CONTENT_LENGTH.
 - Drain (waitress has no graceful stop of its own): the loop stops accepting, closes every
-  idle connection at once, answers in-flight requests with ``Connection: close`` and
-  closes their connections once flushed; it is done when no connection is busy (a request
-  queued, running, partly received or a response not yet flushed) and no task thread works.
+  idle keep-alive connection at once, gives one accepted but still silent ``FRESH_GRACE``
+  seconds to send its first request (its client sent it or is about to: closing it would
+  fail a request no other worker can take over), never closes one with request bytes
+  received, answers in-flight requests with ``Connection: close`` and closes their
+  connections once flushed; it is done when no connection is busy (a request queued,
+  running, partly received or a response not yet flushed) or waiting for its grace, and
+  no task thread works.
 - Settings: ``--timeout`` is waitress's ``channel_timeout`` (an idle or stalled connection
   is closed); ``--limit-request-headers`` its ``max_request_header_size`` (431, the request
   line included); a longer request line than ``--limit-request-line`` gets 414.
@@ -27,9 +31,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import socket
+import struct
+import termios
 import threading
 import time
 from typing import Any
@@ -51,6 +58,17 @@ access = logging.getLogger("chaussette.access")
 LOOP_TIMEOUT = 1.0  # seconds the loop sleeps with nothing to do (waitress's own default)
 DRAIN_TICK = 0.05  # while draining, how often idle connections are looked for
 THREAD_WAIT = 5.0  # bound on waiting for the loop thread to act on a stop
+FRESH_GRACE = 1.0  # seconds a silent new connection may still send its request in a drain
+
+
+def _pending_bytes(sock: Any) -> int:
+    """Bytes the kernel holds for us to read on a connection (0 when unknown)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 class URITooLong(Error):  # type: ignore[misc]
@@ -213,6 +231,12 @@ def _classes(max_line: int, unix_path: str | None, draining: threading.Event) ->
         task_class = Task
         error_task_class = LoggedErrorTask
         held: list[bytes] | None = None  # a response's head, while its task holds it
+        heard = False  # a byte was received on it (it is no longer a silent new one)
+
+        def received(self, data: bytes) -> bool:
+            if data:
+                self.heard = True
+            return super().received(data)  # type: ignore[no-any-return]
 
         def write_soon(self, data: Any) -> int:
             held = self.held
@@ -250,6 +274,7 @@ class WaitressServer(Server):
         timeout = max(1, math.ceil(s.timeout))
         self.map: dict[int, Any] = {}
         self.draining = threading.Event()
+        self.drain_started = 0.0
         self.drained = threading.Event()
         self.busy = 0
         self.stopping = False
@@ -288,6 +313,7 @@ class WaitressServer(Server):
 
         def stop() -> None:
             self.server.accepting = False  # the listener is no longer polled
+            self.drain_started = time.monotonic()
             self.draining.set()
             self._drain_step()
             done.set()
@@ -348,9 +374,12 @@ class WaitressServer(Server):
     def _drain_step(self) -> None:
         """Close idle connections; note whether anything is left in flight."""
         busy = 0
+        fresh = time.monotonic() - self.drain_started < FRESH_GRACE
         for channel in list(self.server.active_channels.values()):
             if _busy(channel):
                 busy += 1
+            elif (fresh and not channel.heard) or _pending_bytes(channel.socket):
+                busy += 1  # its first request may be on its way, or a request is here
             elif not channel.will_close:
                 channel.will_close = True  # closed at the next turn of the loop
         tasks = self.server.task_dispatcher
