@@ -172,7 +172,6 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
                 log.info(
                     "%s: stopping (graceful timeout %ss)", _name(event), settings.graceful_timeout
                 )
-                systemd.notify("STOPPING=1")
                 code, _ = drain(server, listener, signals, settings.graceful_timeout)
                 return code
             if event == signal.SIGQUIT:
@@ -186,7 +185,7 @@ def serve(server: Server, listener: Listener, settings: Settings) -> int:
                     _name(event),
                     settings.graceful_timeout,
                 )
-                systemd.notify("RELOADING=1")
+                systemd.reloading()
                 code, stop = drain(
                     server, listener, signals, settings.graceful_timeout, restarting=True
                 )
@@ -217,6 +216,8 @@ def drain(
     server.stop_accepting()
     stop = not restarting
     if stop:
+        # after stop_accepting: a --workers master reads it as "takes no new connection"
+        systemd.notify("STOPPING=1")
         listener.close()
     deadline = time.monotonic() + timeout
     while True:

@@ -9,7 +9,8 @@ only watches its workers:
 - A worker tells the master it serves by the same ``READY=1`` it would send to systemd:
   its NOTIFY_SOCKET is the master's datagram socket, whose kernel credentials name the
   sender. The master forwards nothing of it; it says READY=1 to systemd itself once all
-  workers serve.
+  workers serve. A worker's ``STOPPING=1`` (sent once it accepts no more) tells the master
+  that its drain has begun.
 - A new generation starts with one worker; the others are forked once it serves. A broken
   application is therefore loaded, and its traceback shown, once.
 - A worker that dies is replaced. When no worker serves, one that dies before serving with
@@ -22,8 +23,10 @@ only watches its workers:
   socket file we created is removed: new clients are refused), then wait for the workers
   up to --graceful-timeout (+ ``KILL_MARGIN``), SIGKILL after that. Exit 0 when every worker
   stopped cleanly, 1 otherwise. A second SIGINT, or SIGQUIT: SIGQUIT to every worker.
-- SIGHUP: a new generation is forked; when all of it serves, the old workers get SIGTERM and
-  drain. If the new one cannot start, the old workers are kept.
+- SIGHUP: RELOADING=1 to systemd; a new generation is forked; when all of it serves, the old
+  workers get SIGTERM and drain; READY=1 once none of them accepts any more (every new
+  connection meets the new code from then on). If the new one cannot start, the old workers
+  are kept.
 - SIGTTIN / SIGTTOU: one worker more / less. SIGUSR1: reopen log files, here and in workers.
 
 Signal handlers only record (``lifecycle.Signals``); the loop acts. Forks happen with the
@@ -75,6 +78,7 @@ class Worker:
     generation: int
     ready: bool = False
     retiring: bool = False  # told to stop; not to be replaced
+    accepting: bool = True  # until it says STOPPING=1: then it takes no new connection
 
 
 def check(settings: Settings) -> None:
@@ -180,7 +184,7 @@ class Master:
             self.proven = self.announced = False
             self.reloading = True
             self.failures = 0
-            systemd.notify("RELOADING=1")
+            systemd.reloading()
         elif event == signal.SIGTTIN:
             self.target += 1
             log.info("SIGTTIN: %d worker(s)", self.target)
@@ -263,7 +267,10 @@ class Master:
         if self.reloading:
             self.reloading = False
             log.info("%d new worker(s) serving; %d old one(s) draining", len(ready), len(old))
-        if not self.announced:
+        if not self.announced and not any(
+            w.accepting for w in self.workers.values() if w.generation < self.generation
+        ):
+            # READY=1 after a reload: every new connection meets the new code
             self.announced = True
             systemd.notify("READY=1")
 
@@ -389,7 +396,10 @@ class Master:
                 return
             pid = _sender(ancillary)
             w = self.workers.get(pid) if pid is not None else None
-            if w is None or b"READY=1" not in data.split(b"\n"):
+            states = data.split(b"\n")
+            if w is not None and b"STOPPING=1" in states:
+                w.accepting = False
+            if w is None or b"READY=1" not in states:
                 continue
             w.ready = True
             self.failures = 0

@@ -5,6 +5,9 @@
   not believe the sockets are theirs.
 - ``notify(state)``: one datagram to NOTIFY_SOCKET (a path, or '@' for the abstract
   namespace); a no-op without it. Never raises: readiness is advice, not a reason to die.
+- ``reloading()``: RELOADING=1 with the MONOTONIC_USEC= that systemd (253+, for
+  ``Type=notify-reload``) needs in the same datagram to match the reload with the READY=1
+  that ends it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger("chaussette")
 
@@ -51,3 +55,9 @@ def notify(state: str) -> bool:
         log.warning("sd_notify %s to %s failed: %s", state, address, exc)
         return False
     return True
+
+
+def reloading() -> bool:
+    """Tell systemd a reload starts; READY=1 must follow once it is done."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")

@@ -33,6 +33,7 @@ class Failure:
     at: float  # seconds since the load started
     client: int
     what: str
+    port: int | None = None  # the client's local port, when a connection was open
 
 
 @dataclass
@@ -58,7 +59,10 @@ class Report:
             f"max latency {self.max_latency * 1000:.0f} ms "
             f"(at {self.max_latency_at:.2f} s of {self.duration:.2f} s)"
         ]
-        lines += [f"  failed at {f.at:.3f} s, client {f.client}: {f.what}" for f in self.failures]
+        lines += [
+            f"  failed at {f.at:.3f} s, client {f.client} (port {f.port}): {f.what}"
+            for f in self.failures
+        ]
         return "\n".join(lines[:30])
 
 
@@ -110,6 +114,10 @@ class Load:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def halt(self) -> None:
+        """Start no new request; those on their way go on (``stop`` then waits for them)."""
+        self._stop.set()
 
     def stop(self) -> Report:
         self._stop.set()
@@ -181,9 +189,11 @@ class Load:
                         retried = True
                         continue
                     except (OSError, AssertionError, ValueError) as exc:
+                        port = _local_port(conn)
                         conn.sock.close()
                         conn = None
-                        self._fail(n, f"{'reused' if reused else 'new'} connection: {exc!r}")
+                        what = f"{'reused' if reused else 'new'} connection: {exc!r}"
+                        self._fail(n, what, port)
                         break
                     self._answered(n, body, time.monotonic() - began, retried)
                     if not keepalive or closing:
@@ -233,6 +243,15 @@ class Load:
                 report.max_latency = latency
                 report.max_latency_at = time.monotonic() - self._started
 
-    def _fail(self, n: int, what: str) -> None:
+    def _fail(self, n: int, what: str, port: int | None = None) -> None:
         with self._lock:
-            self.report.failures.append(Failure(time.monotonic() - self._started, n, what))
+            at = time.monotonic() - self._started
+            self.report.failures.append(Failure(at, n, what, port))
+
+
+def _local_port(conn: Conn) -> int | None:
+    try:
+        name = conn.sock.getsockname()
+    except OSError:
+        return None
+    return name[1] if isinstance(name, tuple) else None

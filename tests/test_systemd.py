@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -151,6 +152,72 @@ def test_sd_notify_ready_and_stopping(procs, notify_socket):
     except TimeoutError:
         raise AssertionError(f"no STOPPING=1 on {name!r}\n{proc.output()}") from None
     assert stopping == b"STOPPING=1"
+    assert proc.wait(30) == 0, proc.output()
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(4096)  # nothing else was sent
+
+
+# -- sd_notify across a reload (issue 6) --
+
+RELOAD_APP = """\
+import os
+
+VERSION = {version!r}
+
+
+def application(environ, start_response):
+    body = VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def next_state(sock: socket.socket, proc: Proc, what: str) -> dict[str, str]:
+    """The next datagram, as a dict of its NAME=value lines."""
+    try:
+        data = sock.recv(4096)
+    except TimeoutError:
+        raise AssertionError(f"no {what} datagram\n{proc.output()}") from None
+    fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+    assert what in fields, (data, proc.output())
+    return fields
+
+
+@pytest.fixture
+def notify_path(short_tmp) -> Iterator[tuple[socket.socket, str]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(short_tmp / "notify"))
+        sock.settimeout(20)
+        yield sock, str(short_tmp / "notify")
+
+
+@pytest.mark.parametrize("workers", [None, "2"], ids=["single", "workers"])
+def test_sd_notify_reload_cycle(procs, tmp_path, notify_path, workers):
+    """READY, then on SIGHUP RELOADING (with MONOTONIC_USEC, which Type=notify-reload
+    needs), READY again once the new code serves, STOPPING on SIGTERM; nothing else (with
+    --workers, what the workers say stays with the master)."""
+    sock, name = notify_path
+    app = tmp_path / "reload_app.py"
+    app.write_text(RELOAD_APP.format(version="v1"))
+    port = free_port()
+    args = ["--port", str(port), *(["--workers", workers] if workers else []), str(app)]
+    proc = procs.chaussette(*args, env=child_env({"NOTIFY_SOCKET": name}))
+    address = ("127.0.0.1", port)
+    assert next_state(sock, proc, "READY") == {"READY": "1"}
+    assert http_request(address, "/").body == b"v1"  # READY means serving
+    app.write_text(RELOAD_APP.format(version="v2."))
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    proc.send(signal.SIGHUP)
+    reloading = next_state(sock, proc, "RELOADING")
+    assert reloading["RELOADING"] == "1" and set(reloading) == {"RELOADING", "MONOTONIC_USEC"}
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert before <= int(reloading["MONOTONIC_USEC"]) <= after, reloading
+    assert next_state(sock, proc, "READY") == {"READY": "1"}
+    # READY again means the new code serves, at once
+    assert http_request(address, "/").body == b"v2."
+    proc.send(signal.SIGTERM)
+    assert next_state(sock, proc, "STOPPING") == {"STOPPING": "1"}
     assert proc.wait(30) == 0, proc.output()
     sock.setblocking(False)
     with pytest.raises(BlockingIOError):

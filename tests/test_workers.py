@@ -4,6 +4,11 @@ Which worker answers is made deterministic, not left to the kernel: each worker 
 request at a time (--threads 1 / --spawn 1), and a request held open on one worker (the
 ``/hold`` route below, released by a gate file) keeps it busy, so the next request is
 answered by another one. /proc/PID/task/PID/children gives the master's live workers.
+
+Under load (tests/load.py, issue 6): a SIGKILLed worker, SIGTERM, SIGTTIN/SIGTTOU and SIGHUP
+while clients keep sending. There every client's request can be held in the app at once
+(the ``/gated`` route, a gate file again), so what each worker was serving at the moment of
+a signal is known, not guessed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +35,7 @@ from tests.conftest import (
     read_all,
     wait_http,
 )
+from tests.load import Load
 
 HOLD_APP = '''\
 """/hold?gate=PATH: the pid at once, then "done" when PATH exists. Anything else: the pid."""
@@ -329,3 +336,250 @@ def test_sighup_with_a_broken_app_keeps_the_old_workers(procs, tmp_path) -> None
     output = assert_stops_cleanly(proc, tracebacks=None)
     # retries wait, longer each time: no fork loop
     assert 2 <= output.count("RuntimeError: broken by the deploy") < 6, output
+
+
+# -- under load (issue 6) --
+
+GATED_APP = '''\
+"""/gated?gate=G&dir=D: the pid; while G does not exist, the request waits (a file in D
+says so). Anything else: the pid."""
+import os
+import threading
+import time
+from urllib.parse import parse_qs
+
+
+def application(environ, start_response):
+    if environ["PATH_INFO"] == "/gated":
+        query = {k: v[-1] for k, v in parse_qs(environ["QUERY_STRING"]).items()}
+        if not os.path.exists(query["gate"]):
+            waiting = os.path.join(query["dir"], f"{os.getpid()}-{threading.get_ident()}")
+            with open(waiting, "w"):
+                pass
+            for _ in range(1000):  # 20 s at most
+                if os.path.exists(query["gate"]):
+                    break
+                time.sleep(0.02)
+            os.unlink(waiting)
+    pid = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(pid)))])
+    return [pid]
+'''
+
+
+def peer_ports(pid: int, port: int) -> set[int]:
+    """The client ports of the TCP connections to ``port`` that process ``pid`` holds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(local.split(":")[1], 16) == port and remote != "00000000:0000":
+            ports.add(int(remote.split(":")[1], 16))
+    return ports
+
+
+def is_pid(body: bytes) -> bool:
+    return body.isdigit()
+
+
+# as many requests at once as the load has clients
+LOAD_BACKENDS = {"wsgiref": ("--backend", "wsgiref"), "gevent": ("--backend", "gevent")}
+
+
+class Gate:
+    """Closed, the gated route's requests wait in the app, each with a file in ``dir``."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.path, self.dir = tmp / "gate", tmp / "waiting"
+        self.dir.mkdir()
+        self.path.write_text("open")
+
+    @property
+    def route(self) -> str:
+        return f"/gated?gate={self.path}&dir={self.dir}"
+
+    def close(self) -> None:
+        self.path.unlink()
+
+    def open(self) -> None:
+        self.path.write_text("open")
+
+    def waiting(self) -> list[int]:
+        """The pids of the requests waiting (one entry each)."""
+        return [int(name.split("-")[0]) for name in os.listdir(self.dir)]
+
+
+@pytest.fixture
+def gated_app(tmp_path: Path) -> str:
+    path = tmp_path / "gated_app.py"
+    path.write_text(GATED_APP)
+    return f"{path}:application"
+
+
+@pytest.mark.parametrize("backend", list(LOAD_BACKENDS))
+def test_worker_sigkilled_under_load(procs, gated_app, tmp_path, backend) -> None:
+    """Every client's request is held in the app, across the workers; one worker is
+    killed. Only requests on connections it held may fail (their client ports are read from
+    /proc before the kill), and each of those is seen cut; the others complete."""
+    proc, address = start(procs, *LOAD_BACKENDS[backend], "--workers", "3", gated_app)
+    wait_serving(proc, 3)
+    gate = Gate(tmp_path)
+    clients = 6
+    load = Load(address, gate.route, clients=clients, expect=is_pid)
+    state: dict[str, Any] = {}
+
+    def kill_one() -> None:
+        gate.close()
+        wait_until("every client waits", lambda: len(gate.waiting()) == clients)
+        waiting = gate.waiting()
+        state["victim"] = victim = max(set(waiting), key=waiting.count)
+        state["in flight"] = waiting.count(victim)
+        state["held"] = peer_ports(victim, address[1])
+        state["before"] = workers_of(proc)
+        state["retried"] = load.report.retried
+        os.kill(victim, signal.SIGKILL)
+        proc.wait_for_output(f"worker {victim} exited (killed by SIGKILL); starting another")
+        wait_serving(proc, 4)
+        # the killed worker's clients sent again, to the others: still waiting at the gate
+        # (the files of the killed worker's requests stay: it had no time to remove them)
+        again = lambda: len([p for p in gate.waiting() if p != victim]) == clients  # noqa: E731
+        wait_until("its clients wait again", again)
+        state["failed at kill"] = load.report.failed
+        gate.open()
+
+    report = load.run_while(kill_one, before=60, after=150)
+    print(backend, report.summary(), state)
+    held = state["held"]
+    assert len(held) == state["in flight"] >= 1, state
+    assert {f.port for f in report.failures} <= held, (held, report.summary())
+    # each request it held was cut: a failure, or a resend on a reused keep-alive connection
+    cut = state["failed at kill"] + load.report.retried - state["retried"]
+    assert report.failed == state["failed at kill"] and cut == len(held), (state, report.summary())
+    live = workers_of(proc)
+    assert state["victim"] not in live and len(live) == 3, live
+    (new,) = live - state["before"]
+    assert report.bodies[str(new).encode()], report.bodies  # the replacement serves
+    assert {int(body) for body in report.last_bodies.values()} <= live, report.last_bodies
+    assert_stops_cleanly(proc)
+
+
+@pytest.mark.parametrize("backend", list(LOAD_BACKENDS))
+def test_sigterm_drains_every_worker_under_load(procs, gated_app, tmp_path, backend) -> None:
+    """SIGTERM while every client has a request held in the app, across the workers: the
+    clients start no new request, and every held one is answered in full."""
+    proc, address = start(procs, *LOAD_BACKENDS[backend], "--workers", "3", gated_app)
+    wait_serving(proc, 3)
+    gate = Gate(tmp_path)
+    clients = 6
+    load = Load(address, gate.route, clients=clients, expect=is_pid)
+    load.start()
+    try:
+        load.wait_answers(60)
+        gate.close()
+        wait_until("every client waits", lambda: len(gate.waiting()) == clients)
+        in_flight = gate.waiting()
+        answered = load.report.ok
+        load.halt()
+        proc.send(signal.SIGTERM)
+        proc.wait_for_output("SIGTERM: stopping 3 worker(s)")
+        wait_until("3 workers drain", lambda: proc.output().count("SIGTERM: stopping (") == 3)
+        assert len(gate.waiting()) == clients  # still held: only the gate lets them go
+        gate.open()
+    finally:
+        report = load.stop()
+    print(backend, report.summary(), "held on", sorted(set(in_flight)))
+    assert report.failed == 0, report.summary()
+    assert report.ok - answered == clients, report.summary()  # every held one, in full
+    output = assert_stops_cleanly(proc, None)
+    for pid in set(in_flight):
+        assert f"worker {pid} exited (exit 0)" in output, output
+
+
+@pytest.mark.parametrize("backend", list(LOAD_BACKENDS))
+def test_ttin_ttou_under_load(procs, gated_app, tmp_path, backend) -> None:
+    """SIGTTIN adds a worker that takes a share of the load; SIGTTOU retires it while it
+    holds requests in the app: they are answered (it drains), nothing fails."""
+    proc, address = start(procs, *LOAD_BACKENDS[backend], "--workers", "2", gated_app)
+    wait_serving(proc, 2)
+    gate = Gate(tmp_path)
+    clients = 4
+    load = Load(address, gate.route, clients=clients, expect=is_pid)
+    state: dict[str, Any] = {}
+
+    def more_then_fewer() -> None:
+        before = workers_of(proc)
+        proc.send(signal.SIGTTIN)
+        wait_serving(proc, 3)
+        (added,) = workers_of(proc) - before
+        for _ in range(20):  # until the added worker holds some of the waiting requests
+            gate.close()
+            wait_until("every client waits", lambda: len(gate.waiting()) == clients)
+            if added in gate.waiting():
+                break
+            gate.open()
+            load.wait_answers(10)
+        else:
+            raise AssertionError(f"worker {added} never got a request:\n{proc.output()}")
+        state["held on the retired one"] = gate.waiting().count(added)
+        proc.send(signal.SIGTTOU)  # the youngest worker goes: the one added
+        proc.wait_for_output("SIGTTOU: 2 worker(s)")
+        proc.wait_for_output(f"[{added}] [INFO] SIGTERM: stopping")
+        assert added in workers_of(proc)  # draining its held requests
+        gate.open()
+        wait_until("one worker retired", lambda: len(workers_of(proc)) == 2)
+        (state["retired"],) = (before | {added}) - workers_of(proc)
+        state["added"] = added
+
+    report = load.run_while(more_then_fewer, before=60, after=150)
+    print(backend, report.summary(), state)
+    assert report.failed == 0, report.summary()
+    assert state["retired"] == state["added"], state
+    output = proc.output()
+    assert f"worker {state['retired']} exited (exit 0)" in output, output
+    live = workers_of(proc)
+    assert {int(body) for body in report.last_bodies.values()} <= live, (report.last_bodies, live)
+    assert_stops_cleanly(proc)
+
+
+VERSIONED_APP = """\
+VERSION = {version!r}
+
+
+def application(environ, start_response):
+    body = VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+@pytest.mark.parametrize("backend", list(LOAD_BACKENDS))
+def test_sighup_replaces_workers_under_load(procs, tmp_path, backend) -> None:
+    """The app is edited, SIGHUP: a new generation serves, the old one drains; no request
+    fails and every client gets the new code afterwards."""
+    app = tmp_path / "versioned_app.py"
+    app.write_text(VERSIONED_APP.format(version="v1"))
+    proc, address = start(procs, *LOAD_BACKENDS[backend], "--workers", "2", f"{app}:application")
+    wait_serving(proc, 2)
+    old = workers_of(proc)
+
+    def reload() -> None:
+        app.write_text(VERSIONED_APP.format(version="v2."))
+        proc.send(signal.SIGHUP)
+        proc.wait_for_output("2 new worker(s) serving; 2 old one(s) draining")
+        for pid in old:
+            proc.wait_for_output(f"worker {pid} exited (exit 0)")
+
+    load = Load(address, clients=4, expect=lambda body: body in (b"v1", b"v2."))
+    report = load.run_while(reload, before=60, after=150)
+    print(backend, report.summary())
+    assert report.failed == 0, report.summary()
+    assert report.bodies[b"v1"] and report.bodies[b"v2."], report.bodies
+    assert set(report.last_bodies.values()) == {b"v2."}, report.last_bodies
+    assert not workers_of(proc) & old
+    assert_stops_cleanly(proc)

@@ -474,7 +474,15 @@ class GeventServer(GreenServer):
 
 
 class GreenSink(HTTPSink):
-    """HTTPSink on a gevent socket, with a cooperative ``sendfile``."""
+    """HTTPSink on a gevent socket, with a cooperative ``sendfile``; a response that
+    starts while a drain is on says ``Connection: close``."""
+
+    connections: Connections
+
+    def send_headers(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        if self.connections.draining:
+            self.keep_alive = False  # the drain began while the app ran
+        super().send_headers(status, headers, body)
 
     def send_file(self, file: BinaryIO, count: int | None) -> int | None:
         if self.chunked:
@@ -554,6 +562,7 @@ class FastGeventServer(GreenServer):
             return False
         keep_alive = not self.connections.draining and wants_keep_alive(environ)
         sink = GreenSink(conn, request.version, request.method == "HEAD", keep_alive)
+        sink.connections = self.connections
         response = Response(self.app, environ, sink)
         response.run()
         if http.log_access:

@@ -130,7 +130,12 @@ BACKENDS: tuple[BackendInfo, ...] = (
     _http(
         "bjoern",
         "bjoern:BjoernServer",
-        "bjoern (C, libev), one request at a time",
+        "bjoern (C, libev), one request at a time. CANNOT DRAIN: a stop or SIGHUP cuts "
+        "uploads in progress, and idle keep-alive connections wait for the app call in "
+        "progress (no timeout bounds a silent client). For restarts that drop nothing pick a "
+        "backend that drains (meinheld is the C one; fastgevent, waitress); to keep bjoern, "
+        "run several behind nginx (proxy_next_upstream error timeout), keep "
+        "--graceful-timeout short and restart them one at a time",
         requires=("bjoern",),
         extra="bjoern",
         install="apt-get install libev-dev && pip install 'chaussette[bjoern]'",
@@ -404,7 +409,8 @@ def table() -> str:
     lines.append("")
     lines.append(
         "can: unix = serves unix sockets; drain = finishes in-flight requests on "
-        "SIGTERM/SIGHUP; --threads/--spawn = sized by that option; monkey = "
+        "SIGTERM/SIGHUP (without it a restart drops requests: the backend's description "
+        "says what to do instead); --threads/--spawn = sized by that option; monkey = "
         "monkey-patches unless --no-monkey; websocket = serves websockets; "
         "no-keepalive = one request per connection; no-chunked-input = refuses chunked "
         "request bodies; mixes-repeated-headers = joins a repeated request header's values "
