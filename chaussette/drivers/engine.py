@@ -54,6 +54,9 @@ class Pool(Protocol):
     def release(self) -> None:
         """The end of a task counted by ``acquire``."""
 
+    def active(self) -> int:
+        """Tasks submitted (or acquired) and not finished, started or not yet."""
+
     def close(self) -> None:
         """Let idle workers go."""
 
@@ -208,6 +211,9 @@ class WorkerPool:
 
     def release(self) -> None:
         self._release()
+
+    def active(self) -> int:
+        return self.busy
 
     def close(self) -> None:
         with self.cond:

@@ -78,6 +78,10 @@ class EventletPool:
     def release(self) -> None:
         self.pool.sem.release()
 
+    def active(self) -> int:
+        size: int = self.pool.size
+        return size - int(self.pool.sem.counter)
+
     def close(self) -> None:
         return
 

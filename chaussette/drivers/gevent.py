@@ -44,6 +44,7 @@ class GeventPool:
     """At most ``size`` greenlets at once; ``submit`` waits for a place."""
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self.sem = gevent.lock.BoundedSemaphore(size)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -64,6 +65,9 @@ class GeventPool:
 
     def release(self) -> None:
         self.sem.release()
+
+    def active(self) -> int:
+        return self.size - int(self.sem.counter)
 
     def close(self) -> None:
         return

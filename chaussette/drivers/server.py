@@ -21,7 +21,8 @@
 - A drain: stop accepting; a connection with no request in flight is closed at once when
   it has served one (an idle keep-alive connection), after ``FRESH_GRACE`` when it has not
   (a peer that just connected is about to send); requests in flight finish, then their
-  connection closes.
+  connection closes. The drain ends when no connection is left, counted from its
+  accept(): one accepted just before the drain, whose task has not run yet, is served too.
 """
 
 from __future__ import annotations
@@ -253,11 +254,15 @@ class ProtocolServer(Server):
         self._sweep()
 
     def wait_idle(self, timeout: float) -> bool:
+        """Until no request is in flight and, in a drain, no connection is left: one that
+        was accepted but is not yet served (its task has not started, or its request has
+        not come yet) may still bring a request, and closing it unanswered would fail that
+        request at the peer (nginx answers 502 for it)."""
         deadline = time.monotonic() + timeout
         while True:
             if self.draining:
                 self._sweep()
-            if self.requests <= 0:
+            if self.requests <= 0 and (not self.draining or self.conn_pool.active() <= 0):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:
