@@ -753,6 +753,13 @@ def test_encode_and_parse_reply(
     assert m.parse_reply(wire) == (sender, list(ids), payload)
 
 
+@pytest.mark.parametrize(
+    ("sender", "conn_id"), [("u", "7"), ("aaaa-tnet", "12345"), ("s\u00e9", "0")]
+)
+def test_reply_prefix(sender: str, conn_id: str) -> None:
+    assert m.reply_prefix(sender, conn_id) == m.encode_reply(sender, [conn_id], b"")
+
+
 @pytest.mark.parametrize("ids", [[], ["a"], ["", "1"], ["1", "-2"], ["1" * 21]])
 def test_encode_reply_bad_ids(ids: list[str]) -> None:
     with pytest.raises(ValueError):
@@ -912,3 +919,256 @@ def test_fuzz_mutated_captures(wire: bytes, where: int, junk: bytes, insert: boo
     except RemoteProtocolError:
         return
     check_request(request)
+
+
+# --------------------------------------------------------------------------- the fast paths
+#
+# parse_request reads Mongrel2's usual messages with a fast path and leaves anything else to
+# the general parser (``_parse_request``); both must agree on every message: the same
+# Request, or both a RemoteProtocolError.
+
+
+def outcome(parse: Any, wire: bytes, **bounds: int) -> m.Request | str:
+    try:
+        return parse(wire, **bounds)  # type: ignore[no-any-return]
+    except RemoteProtocolError:
+        return "error"
+
+
+def general(wire: bytes, max_headers_size: int = 65536, max_body_size: int = 2**26) -> m.Request:
+    return m._parse_request(wire, max_headers_size, max_body_size)
+
+
+def check_agree(wire: bytes, **bounds: int) -> m.Request | str:
+    fast = outcome(m.parse_request, wire, **bounds)
+    assert fast == outcome(general, wire, **bounds)
+    # again, now that the header names it saw are known to the fast path
+    assert outcome(m.parse_request, wire, **bounds) == fast
+    return fast
+
+
+# text that makes tnetstrings and JSON tricky: separators, digits, tags, non-ASCII
+tricky = st.text(st.sampled_from('ab:,0123456789}]~#!^ "\\\u00e9\u0100'), max_size=12)
+LONG_VALUES = ["v" * 1023, "w" * 1024, "x" * 1500, "a," * 600, "0:" * 700, "," * 1100]
+fast_keys = st.one_of(token, tricky, st.sampled_from(["METHOD", "PATH", "x-\u00e9", "k:1", ""]))
+fast_values = st.one_of(
+    tricky, latin1, st.sampled_from(LONG_VALUES), st.lists(tricky, min_size=1, max_size=3)
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.dictionaries(fast_keys, fast_values, max_size=6),
+    st.binary(max_size=40),
+    st.booleans(),
+    st.data(),
+)
+def test_fast_path_agrees_with_general_parser(
+    headers: dict[str, Any], body: bytes, json: bool, data: st.DataObject
+) -> None:
+    try:
+        wire = m.encode_request("u-1", "42", "/p", headers, body, json=json)
+    except UnicodeEncodeError:  # a value that is not latin-1 (U+0100): no such message
+        wire = m.encode_request("u-1", "42", "/p", {}, body, json=json)
+    assert check_agree(wire) == m.Request("u-1", "42", "/p", wire_headers(wire), body)
+    # and every kind of damage: a byte replaced, inserted or removed, the message cut
+    for _ in range(4):
+        pos = data.draw(st.integers(0, len(wire)))
+        byte = data.draw(st.sampled_from(b"0123456789:,}]# \xe9x"))
+        kind = data.draw(st.sampled_from(["replace", "insert", "remove", "cut"]))
+        if kind == "replace":
+            damaged = wire[:pos] + bytes([byte]) + wire[pos + 1 :]
+        elif kind == "insert":
+            damaged = wire[:pos] + bytes([byte]) + wire[pos:]
+        elif kind == "remove":
+            damaged = wire[:pos] + wire[pos + 1 :]
+        else:
+            damaged = wire[:pos]
+        check_agree(damaged)
+        check_agree(damaged, max_headers_size=64, max_body_size=8)
+
+
+def wire_headers(wire: bytes) -> dict[str, Any]:
+    return general(wire).headers
+
+
+def msg_with(headers: bytes, body: bytes = b"0:,", tag: bytes = b"}") -> bytes:
+    """A message whose headers are the tnetstring (or, with tag b",", JSON) payload given."""
+    return b"u 1 / " + ns(headers, tag) + body
+
+
+FAST_CASES = [
+    # a piece without its colon: "0" must not pass for an empty "0:"
+    msg_with(b"0,0,"),
+    msg_with(b"0,1:b,"),
+    msg_with(b"1:a,0,"),
+    msg_with(b"1:a,2:bc,0,"),
+    msg_with(b"0,1:a,0,"),
+    msg_with(b"1:a,12,abcdefghijk,"),
+    msg_with(b"1:a,12,abcdefghij,"),
+    # a value holding commas, and ones whose commas add up wrongly
+    msg_with(b"1:a,4:b,,c,"),
+    msg_with(b"1:a,4:b,c,,"),
+    msg_with(b"1:a,5:b,,c,"),
+    msg_with(b"1:a,3:b,,c,"),
+    msg_with(b"1:a,3:,,,"),
+    msg_with(b"1:a,3:,,,,"),
+    msg_with(b"1:a,1025:" + b"x," * 512 + b"y,"),
+    msg_with(b"1:a,1025:" + b"x," * 512 + b","),
+    msg_with(b"1:a,01025:" + b"x," * 512 + b"y,"),
+    msg_with(b"1:a,1024:" + b"x" * 1024 + b","),
+    msg_with(b"1:a,01024:" + b"x" * 1024 + b","),
+    msg_with(b"1:a,1024:" + b"x" * 1025 + b","),
+    # lengths with a leading zero, a sign, a space, non-ASCII digits
+    msg_with(b"1:a,01:b,"),
+    msg_with(b"1:a,01:b,,"),
+    msg_with(b"1:a,02:b,,"),
+    msg_with(b"1:a,+1:b,"),
+    msg_with(b"1:a, 1:b,"),
+    msg_with(b"1:a,\xb9:b,"),  # a latin-1 digit that is not ASCII (superscript one)
+    msg_with(b"1:a,\xb9:b,,"),
+    msg_with(b"\xb9:a,1:b,"),
+    # bytes after the last item
+    msg_with(b"1:a,1:b,x"),
+    msg_with(b"1:a,1:b"),
+    msg_with(b"01:a,1:b,"),
+    msg_with(b"1:a,1:b,", b"00:,"),
+    msg_with(b"1:a,1:b,", b"01:x,"),
+    b"u 1 / 08:1:a,1:b,}0:,",
+    # a repeated key, an odd number of items, non-string items
+    msg_with(b"1:a,1:b,1:a,1:c,"),
+    msg_with(b"1:a,1:b,1:c,"),
+    msg_with(b"1:a,1:1#"),
+    msg_with(b"1:a,4:true!"),
+    msg_with(b"1:a,0:~"),
+    msg_with(b"1:a," + ns(b"1:b,1:c,", b"]")),
+    msg_with(b"1:a," + ns(b"1:b,", b"}")),
+    # non-ASCII keys: the general parser's (UTF-8 or an error)
+    msg_with(b"4:x-\xc3\xa9,1:b,"),
+    msg_with(b"4:x-\xff\xfe,1:b,"),
+    # JSON: whitespace around the object, trailing data, lists, bad values
+    msg_with(b' {"a":"b"} ', tag=b","),
+    msg_with(b'{"a":"b"}x', tag=b","),
+    msg_with(b'{"a":["b","c"]}', tag=b","),
+    msg_with(b'{"a":"b","a":"c"}', tag=b","),
+    msg_with(b'{"a":1}', tag=b","),
+    msg_with(b'{"a":"b\x01"}', tag=b","),
+    msg_with(b'{"a":NaN}', tag=b","),
+    msg_with(b"{}", tag=b","),
+    msg_with(b"", tag=b","),
+    msg_with(b"[" * 5000, tag=b","),
+    # bodies
+    msg_with(b"", b"3:abc,"),
+    msg_with(b"", b"3:abc,,"),
+    msg_with(b"", b"3:abc}"),
+    msg_with(b"", b"4:abc,"),
+    msg_with(b"", b"0:,x"),
+    msg_with(b"", b"0:}"),
+    msg_with(b"", b""),
+    # the envelope
+    b"u  1 / 0:}0:,",
+    b"u 1  / 0:}0:,",
+    b"u 01 / 0:}0:,",
+    b"u 1 /a b 0:}0:,",
+    b"u\n 1 / 0:}0:,",
+]
+
+
+@pytest.mark.parametrize("wire", FAST_CASES)
+def test_fast_path_cases(wire: bytes) -> None:
+    check_agree(wire)
+    check_agree(wire, max_headers_size=3, max_body_size=2)
+
+
+def test_fast_path_long_and_comma_values() -> None:
+    headers: dict[str, str | list[str]] = {
+        "METHOD": "GET",
+        "accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+        "cookie": "a=" + "x" * 3000,
+        "x-both": "1,2:3," * 400,
+        "x-list": ["a,b", "c"],
+    }
+    for json in (False, True):
+        wire = m.encode_request("u", "1", "/", headers, b"body", json=json)
+        assert check_agree(wire) == m.Request("u", "1", "/", headers, b"body")
+
+
+def test_fast_path_key_cache_is_bounded() -> None:
+    """Header names a client chooses fill a bounded table; past it, names still parse."""
+    for n in range(m._MAX_KEY_ITEMS + 50):
+        headers = {f"x-{n}": "a", "x-" + "y" * 70: "b"}
+        wire = m.encode_request("u", "1", "/", headers)
+        assert m.parse_request(wire).headers == headers
+    assert len(m._KEY_ITEMS) <= m._MAX_KEY_ITEMS
+    assert all(len(item) <= m._MAX_KEY_ITEM for item in m._KEY_ITEMS)
+
+
+def test_wsgi_environ() -> None:
+    """wsgi_environ: a copy of the base, the CGI keys and wsgi.url_scheme."""
+    base = {"wsgi.version": (1, 0), "wsgi.run_once": False}
+    for scheme in ("http", "HTTPS", None):
+        headers: dict[str, str | list[str]] = {"PATTERN": "/app/", "PATH": "/app/x%20y"}
+        if scheme is not None:
+            headers["URL_SCHEME"] = scheme
+        request = make_request(headers, b"abc")
+        environ = m.wsgi_environ(request, base)
+        expected: dict[str, Any] = dict(base)
+        expected.update(m.environ_from_request(request))
+        expected["wsgi.url_scheme"] = m.url_scheme(request)
+        assert environ == expected
+        assert environ["PATH_INFO"] == "/x y" and environ["SCRIPT_NAME"] == "/app"
+        assert environ["CONTENT_LENGTH"] == "3"
+    assert base == {"wsgi.version": (1, 0), "wsgi.run_once": False}
+
+
+def test_environ_list_values_of_server_keys() -> None:
+    """Server keys are never lists from Mongrel2, but a parsed message may have them: the
+    first value counts, as for the host header."""
+    request = make_request(
+        {
+            "PATH": ["/app/a", "/b"],
+            "PATTERN": ["/app", "/"],
+            "METHOD": ["PUT", "GET"],
+            "QUERY": ["q=1", "q=2"],
+            "URI": ["/app/a?q=1"],
+            "VERSION": ["HTTP/1.0"],
+            "REMOTE_ADDR": ["10.0.0.2", "10.0.0.3"],
+            "URL_SCHEME": ["https"],
+            "host": ["", "example.com:81"],
+        }
+    )
+    environ = m.environ_from_request(request)
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == ("/app", "/a")
+    assert environ["REQUEST_METHOD"] == "PUT"
+    assert environ["QUERY_STRING"] == "q=1"
+    assert environ["REQUEST_URI"] == "/app/a?q=1"
+    assert environ["SERVER_PROTOCOL"] == "HTTP/1.0"
+    assert environ["REMOTE_ADDR"] == "10.0.0.2"
+    assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == ("localhost", "80")
+    assert environ["HTTP_HOST"] == ", example.com:81"
+
+
+def test_environ_mount_table_is_bounded() -> None:
+    for n in range(m._MAX_MOUNTS + 20):
+        pattern = f"/m{n}/" + ("(.*)" if n % 2 else "")
+        environ = m.environ_from_request(make_request({"PATTERN": pattern, "PATH": f"/m{n}/x"}))
+        assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == (f"/m{n}", "/x")
+    long = "/" + "p" * (m._MAX_MOUNT_PATTERN + 1)
+    environ = m.environ_from_request(make_request({"PATTERN": long, "PATH": long + "/x"}))
+    assert (environ["SCRIPT_NAME"], environ["PATH_INFO"]) == (long, "/x")
+    assert len(m._MOUNTS) <= m._MAX_MOUNTS
+    assert long not in m._MOUNTS
+
+
+def test_environ_host_table_is_bounded() -> None:
+    """Host headers fill a bounded table; the scheme's default port is never kept in it."""
+    for n in range(m._MAX_HOSTS + 20):
+        for scheme, port in (("http", "80"), ("https", "443")):
+            request = make_request({"host": f"h{n}.example", "URL_SCHEME": scheme})
+            environ = m.environ_from_request(request)
+            assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == (f"h{n}.example", port)
+    long = "h" * (m._MAX_HOST + 1)
+    environ = m.environ_from_request(make_request({"host": long + ":8"}))
+    assert (environ["SERVER_NAME"], environ["SERVER_PORT"]) == (long, "8")
+    assert len(m._HOSTS) <= m._MAX_HOSTS
+    assert long + ":8" not in m._HOSTS

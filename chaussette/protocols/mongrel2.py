@@ -49,8 +49,9 @@ from __future__ import annotations
 
 import json as _json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from . import tnetstring
@@ -72,6 +73,7 @@ __all__ = [
     "response_head",
     "upload_stage",
     "url_scheme",
+    "wsgi_environ",
 ]
 
 UPLOAD_START = "x-mongrel2-upload-start"
@@ -179,6 +181,156 @@ def parse_request(
     RemoteProtocolError on anything malformed or over the bounds.
     """
     msg = bytes(msg)
+    fast = _fast_request(msg, max_headers_size, max_body_size)
+    if fast is not None:
+        return fast
+    return _parse_request(msg, max_headers_size, max_body_size)
+
+
+# The fast path: Mongrel2's usual message, read with a few calls into C. It accepts exactly
+# what the general path (``_parse_request``) accepts and gives the same Request; anything
+# else (a repeated header, a non-ASCII header name, a malformed message...) is left to the
+# general path, which gives the value or the precise error.
+#
+# SENDER CONN_ID PATH and the headers' length (digits, no leading zero)
+_ENVELOPE = re.compile(
+    rb"([^ ]{1,%d}) ([0-9]{1,%d}) ([^ ]+) (0|[1-9][0-9]{0,9}):"
+    % (_MAX_SENDER_LEN, _MAX_CONN_ID_DIGITS)
+)
+_LENGTH = re.compile(rb"(0|[1-9][0-9]{0,9}):")
+# one JSON value at an offset, no whitespace skipped: json.loads' own scanner (C)
+_JSON_SCAN = _json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _fast_request(msg: bytes, max_headers_size: int, max_body_size: int) -> Request | None:
+    match = _ENVELOPE.match(msg)
+    if match is None:
+        return None
+    start = match.end()
+    stop = start + int(match.group(4))  # the headers' tag
+    if stop >= len(msg) - 3 or stop - start > max_headers_size:
+        return None
+    head = msg[:stop].decode("latin-1")  # all but the tag and the body, as text
+    tag = msg[stop]
+    headers: dict[str, str | list[str]] | None
+    if tag == 0x7D:  # }
+        headers = _flat_dict(head[start:])
+    elif tag == 0x2C:  # ,
+        headers = _scan_json(head[start:])
+    else:
+        return None
+    if headers is None:
+        return None
+    # the body: ``LEN:BYTES,`` ending the message
+    if stop + 4 == len(msg) and msg.endswith(b"0:,"):
+        body = b""
+    else:
+        match = _LENGTH.match(msg, stop + 1)
+        if match is None:
+            return None
+        begin = match.end()
+        end = begin + int(match.group(1))
+        if end != len(msg) - 1 or msg[end] != 0x2C or end - begin > max_body_size:
+            return None
+        body = msg[begin:end]
+    sender, conn_id, path, _ = head[:start].split(" ")
+    return Request(sender, conn_id, path, headers, body)
+
+
+_LENGTHS = tuple(str(n) for n in range(1024))  # the canonical digits of a length
+# "LEN:NAME" -> NAME for the header names seen so far (valid, ASCII); bounded, since a
+# client chooses them (past the bound, a name is checked each time)
+_KEY_ITEMS: dict[str, str] = {}
+_MAX_KEY_ITEMS = 512
+_MAX_KEY_ITEM = 64
+
+
+def _flat_dict(payload: str) -> dict[str, str | list[str]] | None:
+    """A tnetstring dict's payload (latin-1 text) of string items only, with ASCII keys,
+    as headers; None for anything else (left to the general parser).
+
+    Split at every comma, then each item is read from its piece, ``LEN:BYTES``; an item
+    whose bytes hold a comma spans several pieces (``_spanning``). The byte after an item
+    is then always a comma, its tag; an item of another type (its tag is not a comma)
+    never adds up to its length exactly."""
+    pieces = payload.split(",")
+    if pieces.pop():  # the payload must end with an item's comma
+        return None
+    headers: dict[str, str | list[str]] = {}
+    lengths = _LENGTHS
+    known = _KEY_ITEMS
+    rest = iter(pieces)
+    spanned = 0  # pieces joined to the one before (commas inside values)
+    try:
+        for piece in rest:
+            key = known.get(piece)
+            if key is None:
+                digits, colon, key = piece.partition(":")
+                if not (colon and key.isascii() and len(key) < 1024) or (
+                    digits != lengths[len(key)]
+                ):
+                    return None
+                if len(piece) <= _MAX_KEY_ITEM and len(known) < _MAX_KEY_ITEMS:
+                    known[piece] = key
+            digits, colon, value = next(rest).partition(":")
+            if len(value) >= 1024 or digits != lengths[len(value)] or not colon:
+                if not colon:  # "0" would pass for "0:"
+                    return None
+                span = _spanning(digits, value, rest)
+                if span is None:
+                    return None
+                value, joined = span
+                spanned += joined
+            headers[key] = value
+    except StopIteration:  # a key without a value
+        return None
+    if len(headers) * 2 + spanned != len(pieces):  # a repeated key
+        return None
+    return headers
+
+
+def _spanning(digits: str, data: str, rest: Iterator[str]) -> tuple[str, int] | None:
+    """A string item longer than the table of lengths or holding commas: its bytes and how
+    many more pieces they took from ``rest``; None if it is not a string item."""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 10):
+        return None
+    if digits[0] == "0" and len(digits) > 1:
+        return None
+    size = int(digits)
+    total = len(data)
+    if total == size:
+        return data, 0
+    parts = [data]
+    while total < size:
+        more = next(rest, None)
+        if more is None:
+            return None
+        parts.append(more)
+        total += 1 + len(more)
+    if total != size:
+        return None
+    return ",".join(parts), len(parts) - 1
+
+
+def _scan_json(text: str) -> dict[str, str | list[str]] | None:
+    """JSON headers as Mongrel2 writes them (an object, no whitespace around it), or None
+    (left to ``_json_headers``, which gives the error or reads what this does not)."""
+    try:
+        value, end = _JSON_SCAN(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return None
+    if end != len(text) or type(value) is not dict:
+        return None
+    for item in value.values():
+        if type(item) is not str and not (
+            type(item) is list and item and all(type(v) is str for v in item)
+        ):
+            return None
+    return value
+
+
+def _parse_request(msg: bytes, max_headers_size: int, max_body_size: int) -> Request:
+    """The general path: any message, the value or the precise error."""
     # three spaces, found without splitting (which would copy the body)
     space1 = msg.find(b" ", 0, _MAX_SENDER_LEN + 1)
     space2 = msg.find(b" ", space1 + 1, space1 + 2 + _MAX_CONN_ID_DIGITS) if space1 > 0 else -1
@@ -194,15 +346,6 @@ def parse_request(
         raise RemoteProtocolError(f"Mongrel2 message: bad connection id {raw_conn[:24]!r}")
     if not raw_path:
         raise RemoteProtocolError("Mongrel2 message: empty path")
-    fast = _flat_tnet_message(msg, space3 + 1, max_headers_size, max_body_size)
-    if fast is not None:
-        return Request(
-            raw_sender.decode("latin-1"),
-            raw_conn.decode("ascii"),
-            raw_path.decode("latin-1"),
-            fast[0],
-            fast[1],
-        )
     try:
         raw_headers, pos = tnetstring.parse_at(
             msg, space3 + 1, max_length=max_headers_size, max_depth=2
@@ -227,104 +370,6 @@ def parse_request(
         headers,
         body,
     )
-
-
-def _flat_tnet_message(
-    msg: bytes, pos: int, max_headers_size: int, max_body_size: int
-) -> tuple[dict[str, str | list[str]], bytes] | None:
-    """HEADERS BODY from ``pos`` to the end of ``msg``, when HEADERS is a tnetstring dict of
-    string values (Mongrel2's usual message), or None: anything else -- a list value (a
-    repeated header), JSON headers, or bytes that are not exactly that -- is left to the
-    general parser, which gives the value or the error. Accepts nothing the general path
-    rejects: the same length syntax (digits, no leading zero), bounds, tags, UTF-8 keys
-    without repeats, and the body must end the message."""
-    size = _netstring_size(msg, pos, max_headers_size)
-    if size < 0:
-        return None
-    colon = msg.find(b":", pos)
-    end = colon + 1 + size  # the dict's tag
-    if end >= len(msg) or msg[end] != 0x7D:  # }
-        return None
-    headers = _flat_dict(msg[colon + 1 : end])
-    if headers is None:
-        return None
-    # the body: ``LEN:BYTES,`` ending the message
-    size = _netstring_size(msg, end + 1, max_body_size)
-    if size < 0:
-        return None
-    colon = msg.find(b":", end + 1)
-    stop = colon + 1 + size
-    if stop != len(msg) - 1 or msg[stop] != 0x2C:  # ,
-        return None
-    return headers, msg[colon + 1 : stop]
-
-
-def _netstring_size(msg: bytes, pos: int, bound: int) -> int:
-    """The length declared at ``pos`` (digits, no leading zero, at most ``bound``), or -1."""
-    colon = msg.find(b":", pos, pos + 11)
-    digits = msg[pos:colon]
-    if colon < 0 or not digits.isdigit() or (digits[0] == 0x30 and colon - pos > 1):
-        return -1
-    size = int(digits)
-    return size if size <= bound else -1
-
-
-_MAX_LISTED = 1024
-_LENGTHS = tuple(b"%d" % n for n in range(_MAX_LISTED))  # the canonical digits of a length
-
-
-def _flat_dict(payload: bytes) -> dict[str, str | list[str]] | None:
-    """A dict payload of string items only (``LEN:BYTES,`` each), or None.
-
-    Split at every comma, then each item is read from its piece: ``LEN:`` and the bytes,
-    joined again with the next pieces while they are shorter than LEN (the bytes held a
-    comma). The byte after an item is then always a comma, its tag; an item of another
-    type (its tag is not a comma) never adds up to its length exactly, and gives None."""
-    pieces = payload.split(b",")
-    if pieces.pop():  # the payload must end with an item's comma
-        return None
-    headers: dict[str, str | list[str]] = {}
-    key: str | None = None
-    rest = iter(pieces)
-    lengths = _LENGTHS
-    for piece in rest:
-        digits, colon, data = piece.partition(b":")
-        size = len(data)
-        if not (colon and size < _MAX_LISTED and digits == lengths[size]):
-            # a longer item, one that held a comma, or not a string item at all
-            if (
-                not colon
-                or not digits.isdigit()
-                or len(digits) > 10
-                or (digits[0] == 0x30 and len(digits) > 1)
-            ):
-                return None
-            size = int(digits)
-            if len(data) != size:
-                if len(data) > size:
-                    return None
-                parts = [data]
-                total = len(data)
-                while total < size:
-                    more = next(rest, None)
-                    if more is None:
-                        return None
-                    parts.append(more)
-                    total += 1 + len(more)
-                if total != size:
-                    return None
-                data = b",".join(parts)
-        if key is None:
-            try:
-                key = data.decode()
-            except UnicodeDecodeError:
-                return None
-            if key in headers:
-                return None
-        else:
-            headers[key] = data.decode("latin-1")
-            key = None
-    return headers if key is None else None
 
 
 def _tnet_headers(raw: dict[str, object]) -> dict[str, str | list[str]]:
@@ -411,7 +456,7 @@ def encode_reply(sender: str, conn_ids: Iterable[str], payload: bytes) -> bytes:
 def reply_prefix(sender: str, conn_id: str) -> bytes:
     """``encode_reply(sender, [conn_id], b"")`` for an id already known to be decimal
     digits (a parsed request's): the start of every reply to that connection."""
-    return b"%s %d:%s, " % (sender.encode("latin-1"), len(conn_id), conn_id.encode("ascii"))
+    return f"{sender} {len(conn_id)}:{conn_id}, ".encode("latin-1")
 
 
 def parse_reply(msg: tnetstring.Buffer) -> tuple[str, list[str], bytes]:
@@ -441,40 +486,34 @@ def url_scheme(request: Request) -> str:
     return "https" if type(scheme) is str and scheme.lower() == "https" else "http"
 
 
-def _split_path(path: str, pattern: str) -> tuple[str, str]:
-    """(raw SCRIPT_NAME, raw PATH_INFO) by the module docstring's rule."""
-    mount = pattern.split("(", 1)[0].rstrip("/")
-    if mount and path.startswith(mount) and path[len(mount) : len(mount) + 1] in ("", "/"):
-        return mount, path[len(mount) :]
-    return "", path
-
-
 def _unquote(text: str) -> str:
     if "%" not in text:
         return text
     return unquote_to_bytes(text.encode("latin-1")).decode("latin-1")
 
 
-def _host_port(host: str, scheme: str) -> tuple[str, str]:
-    default = "443" if scheme == "https" else "80"
+def _host_port(host: str) -> tuple[str, str]:
+    """SERVER_NAME and SERVER_PORT from a Host header; the port "" when the header has
+    none (the scheme's default port then)."""
     if host.startswith("["):  # [v6]:port
         close = host.find("]")
         if close > 0:
             port = host[close + 2 :] if host[close + 1 : close + 2] == ":" else ""
-            return host[: close + 1], port if port.isdigit() else default
-        return host, default
+            return host[: close + 1], port if port.isdigit() else ""
+        return host, ""
     name, colon, port = host.rpartition(":")
     if colon and port.isdigit():
         return name, port
     if colon and not port:
-        return name, default
-    return host, default
+        return name, ""
+    return host, ""
 
 
-def _text(value: str | list[str] | None, default: str) -> str:
-    if value is None:
-        return default
-    return value if type(value) is str else value[0]
+# Host header -> _host_port's answer, for the hosts seen so far; bounded, since a client
+# chooses them (past the bound a host is split each time)
+_HOSTS: dict[str, tuple[str, str]] = {}
+_MAX_HOSTS = 256
+_MAX_HOST = 256
 
 
 # header key -> its environ name ("" for a key that is not one), for the keys seen so far;
@@ -492,7 +531,7 @@ def _env_name(key: str) -> str:
         name = "CONTENT_LENGTH"
     else:
         name = "HTTP_" + key.upper().replace("-", "_")
-    if len(_ENV_NAMES) < _MAX_ENV_NAMES:
+    if len(_ENV_NAMES) < _MAX_ENV_NAMES and len(key) <= _MAX_KEY_ITEM:
         _ENV_NAMES[key] = name
     return name
 
@@ -500,39 +539,93 @@ def _env_name(key: str) -> str:
 def environ_from_request(request: Request) -> dict[str, str]:
     """The CGI part of the WSGI environ (no ``wsgi.*`` keys), by the module docstring's
     rule; ``url_scheme(request)`` gives ``wsgi.url_scheme``."""
+    environ: dict[str, Any] = {}
+    _fill_environ(request, environ)
+    return environ
+
+
+def wsgi_environ(request: Request, base: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` (the server's ``wsgi.*`` keys) with ``environ_from_request``'s
+    keys and ``wsgi.url_scheme`` added: the request's environ but for wsgi.input/errors."""
+    environ = dict(base)
+    environ["wsgi.url_scheme"] = _fill_environ(request, environ)
+    return environ
+
+
+# route PATTERN -> its mount point (see the module docstring), for the patterns seen so far
+# (Mongrel2's routes: a handful); bounded all the same
+_MOUNTS: dict[str, str] = {}
+_MAX_MOUNTS = 256
+_MAX_MOUNT_PATTERN = 256
+
+
+def _fill_environ(request: Request, environ: dict[str, Any]) -> str:
+    """Add the CGI keys of ``request`` to ``environ``; return the URL scheme."""
     headers = request.headers
     get = headers.get
-    path = _text(get("PATH"), request.path)
-    script_name, path_info = _split_path(path, _text(get("PATTERN"), ""))
-    scheme = url_scheme(request)
-    host = _text(get("host"), "")
-    server_name, server_port = _host_port(host, scheme) if host else ("localhost", "")
+    path = get("PATH", request.path)
+    if type(path) is not str:
+        path = path[0]
+    pattern = get("PATTERN", "")
+    if type(pattern) is not str:
+        pattern = pattern[0]
+    mount = _MOUNTS.get(pattern)
+    if mount is None:
+        mount = pattern.split("(", 1)[0].rstrip("/")
+        if len(_MOUNTS) < _MAX_MOUNTS and len(pattern) <= _MAX_MOUNT_PATTERN:
+            _MOUNTS[pattern] = mount
+    if mount and path.startswith(mount) and path[len(mount) : len(mount) + 1] in ("", "/"):
+        script_name = mount
+        path_info = path[len(mount) :]
+        if "%" in script_name:
+            script_name = _unquote(script_name)
+    else:
+        script_name = ""
+        path_info = path
+    if "%" in path_info:
+        path_info = _unquote(path_info)
+    scheme = get("URL_SCHEME")
+    scheme = "http" if scheme is None or scheme == "http" else url_scheme(request)
+    host = get("host", "")
+    if type(host) is not str:
+        host = host[0]
+    if host:
+        split = _HOSTS.get(host)
+        if split is None:
+            split = _host_port(host)
+            if len(_HOSTS) < _MAX_HOSTS and len(host) <= _MAX_HOST:
+                _HOSTS[host] = split
+        server_name, server_port = split
+    else:
+        server_name, server_port = "localhost", ""
     if not server_port:
         server_port = "443" if scheme == "https" else "80"
-    environ = {
-        "REQUEST_METHOD": _text(get("METHOD"), "GET"),
-        "SCRIPT_NAME": _unquote(script_name),
-        "PATH_INFO": _unquote(path_info),
-        "QUERY_STRING": _text(get("QUERY"), ""),
-        "REQUEST_URI": _text(get("URI"), path),
-        "SERVER_PROTOCOL": _text(get("VERSION"), "HTTP/1.1"),
-        "SERVER_NAME": server_name,
-        "SERVER_PORT": server_port,
-        "REMOTE_ADDR": _text(get("REMOTE_ADDR"), ""),
-    }
+    method = get("METHOD", "GET")
+    query = get("QUERY", "")
+    uri = get("URI", path)
+    version = get("VERSION", "HTTP/1.1")
+    remote = get("REMOTE_ADDR", "")
+    environ["REQUEST_METHOD"] = method if type(method) is str else method[0]
+    environ["SCRIPT_NAME"] = script_name
+    environ["PATH_INFO"] = path_info
+    environ["QUERY_STRING"] = query if type(query) is str else query[0]
+    environ["REQUEST_URI"] = uri if type(uri) is str else uri[0]
+    environ["SERVER_PROTOCOL"] = version if type(version) is str else version[0]
+    environ["SERVER_NAME"] = server_name
+    environ["SERVER_PORT"] = server_port
+    environ["REMOTE_ADDR"] = remote if type(remote) is str else remote[0]
     names = _ENV_NAMES
     for key, value in headers.items():
         name = names.get(key)
         if name is None:
             name = _env_name(key)
-        if not name:
-            continue
-        if type(value) is not str:
-            value = ("; " if key == "cookie" else ", ").join(value)
-        environ[name] = value
-    if "CONTENT_LENGTH" not in environ and request.body:
+        if name:
+            if type(value) is not str:
+                value = ("; " if key == "cookie" else ", ").join(value)
+            environ[name] = value
+    if request.body and "CONTENT_LENGTH" not in environ:
         environ["CONTENT_LENGTH"] = str(len(request.body))
-    return environ
+    return scheme
 
 
 # --------------------------------------------------------------------------- responses
@@ -555,7 +648,10 @@ def keep_alive(request: Request) -> bool:
     """Whether the client connection stays open after the response: HTTP/1.1 unless
     ``Connection: close``; HTTP/1.0 only with ``Connection: keep-alive``; else never."""
     version = request.headers.get("VERSION")
-    tokens = _tokens(request.headers.get("connection"))
+    connection = request.headers.get("connection")
+    if connection is None:
+        return version == "HTTP/1.1"
+    tokens = _tokens(connection)
     if version == "HTTP/1.1":
         return "close" not in tokens
     if version == "HTTP/1.0":
