@@ -427,6 +427,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="IDENT",
     ),
     Option(
+        "m2_dispatcher",
+        ("--m2-dispatcher",),
+        "Mongrel2: take requests from chaussette-dispatcher in credit mode at SPEC (its "
+        "--credit endpoint) instead of from Mongrel2's send_spec: it gives this process a "
+        "request only when it asked for one, so a restart loses none. Replies still go to "
+        "Mongrel2's recv_spec. Threads backend only.",
+        "Mongrel2",
+        metavar="SPEC",
+    ),
+    Option(
         "upload_dir",
         ("--upload-dir",),
         "Mongrel2: the only directory async uploads (bodies Mongrel2 spools to a file) are "
@@ -768,7 +778,14 @@ def _check_protocol_options(settings: Settings) -> None:
             raise UsageError(f"--request-model {settings.request_model}: {exc}") from None
 
 
-MONGREL2_OPTIONS = ("zeromq", "m2_config", "m2_handler", "m2_identity", "upload_dir")
+MONGREL2_OPTIONS = (
+    "zeromq",
+    "m2_config",
+    "m2_handler",
+    "m2_identity",
+    "m2_dispatcher",
+    "upload_dir",
+)
 _LISTEN_OPTIONS = ("host", "port", "fd", "address_family", "socket_mode", "backlog")
 
 

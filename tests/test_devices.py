@@ -707,3 +707,158 @@ def test_canned_behind_real_mongrel2(procs: Any, real_m2: Any) -> None:
             b"GET /json/old  via http://localhost\n"
         )
     assert proc.stop() == 0
+
+
+# -- credit mode: the dispatcher in-process, real ZeroMQ sockets around it -------------------
+
+
+class CreditRig:
+    """A CreditDispatcher between a fake Mongrel2 (PUSH) and DEALER handlers; ``pump``
+    turns the dispatcher's loop until ``check()`` holds (bounded)."""
+
+    def __init__(self, context: Any, m2: FakeMongrel2, max_queue: int = 100) -> None:
+        from chaussette.devices.common import Endpoint
+        from chaussette.devices.dispatcher import CreditDispatcher
+
+        self.context = context
+        self.m2 = m2
+        self.address = endpoint()
+        self.dispatcher = CreditDispatcher(
+            Endpoint(m2.send_spec), Endpoint(self.address), max_queue=max_queue, context=context
+        )
+        self.dealers: list[Any] = []
+
+    def handler(self, credit: int) -> Any:
+        dealer = self.context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.address)
+        self.dealers.append(dealer)
+        if credit:
+            dealer.send(b"READY %d" % credit)
+        return dealer
+
+    def pump(self, check: Any, what: str, rounds: int = 250) -> None:
+        for _ in range(rounds):
+            if check():
+                return
+            self.dispatcher.step(20)
+        raise AssertionError(f"{what}: not after {rounds} rounds")
+
+    def settle(self, rounds: int = 10) -> None:
+        for _ in range(rounds):
+            self.dispatcher.step(10)
+
+    def close(self) -> None:
+        for dealer in self.dealers:
+            dealer.close()
+        self.dispatcher.close()
+
+
+def take(dealer: Any) -> list[bytes]:
+    """Every message the dealer has now."""
+    got = []
+    while dealer.poll(0, zmq.POLLIN):
+        frames = dealer.recv_multipart()
+        got.append(frames[0] if len(frames) == 1 else b"|".join(frames))
+    return got
+
+
+@pytest.fixture
+def credit_rig(context: Any, m2: FakeMongrel2) -> Iterator[CreditRig]:
+    rig = CreditRig(context, m2)
+    yield rig
+    rig.close()
+
+
+def test_credit_requests_only_to_handlers_that_asked(credit_rig: CreditRig) -> None:
+    rig = credit_rig
+    a, b = rig.handler(2), rig.handler(1)
+    rig.pump(lambda: rig.dispatcher.credit == 3, "credit from both handlers")
+    for n in range(5):
+        rig.m2.send(request_msg(str(n)))
+    rig.pump(lambda: len(rig.dispatcher.queue) == 2, "three given, two queued")
+    rig.settle()
+    got_a, got_b = take(a), take(b)
+    assert len(got_a) == 2 and len(got_b) == 1, (got_a, got_b)
+    assert rig.dispatcher.credit == 0 and len(rig.dispatcher.queue) == 2
+    # one more credit: the oldest queued request, at once
+    b.send(b"READY 1")
+    rig.pump(lambda: len(rig.dispatcher.queue) == 1, "a queued request given")
+    rig.settle()
+    assert [mongrel2.parse_request(m).conn_id for m in take(b)] == ["3"]
+    assert take(a) == []
+    # a malformed credit is ignored (and logged)
+    a.send(b"READY lots")
+    rig.settle()
+    assert take(a) == [] and rig.dispatcher.credit == 0
+
+
+def test_credit_round_robin_and_disconnect_to_owner(credit_rig: CreditRig) -> None:
+    rig = credit_rig
+    a, b = rig.handler(10), rig.handler(10)
+    rig.pump(lambda: rig.dispatcher.credit == 20, "credit")
+    for n in range(6):
+        rig.m2.send(request_msg(str(n)))
+    rig.pump(lambda: rig.dispatcher.credit == 14, "six given")
+    rig.settle()
+    ids_a = [mongrel2.parse_request(m).conn_id for m in take(a)]
+    ids_b = [mongrel2.parse_request(m).conn_id for m in take(b)]
+    assert len(ids_a) == len(ids_b) == 3, (ids_a, ids_b)
+    # a disconnect notice goes to the handler that has that connection only
+    rig.m2.send(disconnect_msg(ids_b[1]))
+    rig.pump(lambda: rig.dispatcher.credit == 13, "disconnect given")
+    rig.settle()
+    assert take(a) == []
+    notice = mongrel2.parse_request(take(b)[0])
+    assert notice.is_disconnect and notice.conn_id == ids_b[1]
+
+
+def test_credit_goodbye_is_answered_and_nothing_follows(credit_rig: CreditRig) -> None:
+    rig = credit_rig
+    a, b = rig.handler(5), rig.handler(5)
+    rig.pump(lambda: rig.dispatcher.credit == 10, "credit")
+    b.send(b"BYE")
+    rig.pump(lambda: b.poll(0, zmq.POLLIN), "goodbye answered")
+    assert take(b) == [b"|BYE"]
+    assert rig.dispatcher.credit == 5
+    for n in range(5):
+        rig.m2.send(request_msg(str(n)))
+    rig.pump(lambda: rig.dispatcher.credit == 0, "all to the handler that stays")
+    rig.settle()
+    assert len(take(a)) == 5 and take(b) == []
+
+
+def test_credit_vanished_handler_and_bounded_queue(context: Any, m2: FakeMongrel2) -> None:
+    rig = CreditRig(context, m2, max_queue=2)
+    try:
+        a = rig.handler(3)
+        rig.pump(lambda: rig.dispatcher.credit == 3, "credit")
+        # killed without a goodbye: its connection ends, its credit is worthless
+        a.close()
+        rig.dealers.remove(a)
+        time.sleep(0.2)  # ZeroMQ's I/O thread sees the connection end (not a pass/fail wait)
+        for n in range(4):
+            m2.send(request_msg(str(n)))
+        rig.pump(lambda: rig.dispatcher.dropped == 2, "queue full: two dropped")
+        assert rig.dispatcher.credit == 0 and len(rig.dispatcher.queue) == 2
+        b = rig.handler(5)
+        rig.pump(lambda: not rig.dispatcher.queue, "queued requests given to a new handler")
+        rig.settle()
+        assert [mongrel2.parse_request(m).conn_id for m in take(b)] == ["0", "1"]  # oldest kept
+    finally:
+        rig.close()
+
+
+def test_credit_cli_refuses_mixed_modes(procs: Any) -> None:
+    proc = device(
+        procs,
+        "dispatcher",
+        "--zeromq",
+        endpoint(),
+        "--credit",
+        endpoint(),
+        "--handlers",
+        endpoint(),
+    )
+    assert proc.wait(15) == 2
+    assert "--credit replaces --handlers and --replies" in proc.output()

@@ -37,6 +37,19 @@ Rules it keeps:
   sticky waits up to ``--send-timeout`` for it, then drops the request with a warning.
 - A malformed message from Mongrel2 is dropped and logged once; messages over
   ``--max-message`` bytes end the peer's ZeroMQ connection (ZMQ_MAXMSGSIZE).
+
+Credit mode (``--credit SPEC``, ``CreditDispatcher``) is for restarts that lose nothing:
+handlers started with ``--m2-dispatcher SPEC`` connect a DEALER to the ROUTER bound there
+and ask for requests (``READY n``); each goes to a handler with credit, in turn (disconnect
+notices and upload-done messages to the handler that has the connection), and waits in a
+bounded queue (``--max-queue``) while none has any. A leaving handler says ``BYE`` and is
+answered ``BYE``, after which it is given nothing. Replies go from the handlers straight to
+Mongrel2's recv_spec::
+
+    python -m chaussette.devices.dispatcher --zeromq tcp://127.0.0.1:9997,tcp://127.0.0.1:9996 \\
+        --credit tcp://127.0.0.1:9995
+    chaussette --protocol mongrel2 --zeromq tcp://127.0.0.1:9997,tcp://127.0.0.1:9996 \\
+        --m2-dispatcher tcp://127.0.0.1:9995 app:app
 """
 
 from __future__ import annotations
@@ -45,7 +58,7 @@ import argparse
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -376,6 +389,277 @@ class Dispatcher:
         self.upstream.send(msg)
 
 
+# -- credit mode: a request only to a handler that asked for one --
+
+CREDIT_MAX = 1_000_000  # the most credit one message may grant
+MAX_QUEUE = 10_000
+
+
+@dataclass(eq=False)
+class Handler:
+    """A handler connected to the credit endpoint, known by its ROUTER identity."""
+
+    identity: bytes
+    credit: int = 0  # requests it asked for and has not been given yet
+    routed: int = 0
+    queued_ready: bool = False  # in CreditDispatcher.ready
+
+
+class CreditDispatcher:
+    """Credit mode: handlers connect a DEALER to ``--credit`` (a ROUTER the dispatcher
+    binds) and ask for requests (``READY n``: n more); each request from Mongrel2 goes to
+    a handler with credit, in turn, and waits in a bounded queue while none has any. A
+    handler that leaves says ``BYE``; the dispatcher answers ``BYE`` (an empty frame, then
+    ``BYE``) and gives it nothing after that, so the handler knows that whatever came
+    before the answer is all it will get. Replies do not pass here: handlers publish them
+    to Mongrel2's recv_spec themselves.
+
+    A handler that vanished without ``BYE`` (killed) is noticed when a send to it fails
+    (ROUTER_MANDATORY: ZeroMQ has seen its connection end): its credit is dropped and the
+    request goes to another. What was sent to it before its connection was seen to end is
+    lost with it, as requests are with any killed process.
+    """
+
+    def __init__(
+        self,
+        upstream: Endpoint,
+        credit: Endpoint,
+        *,
+        max_queue: int = MAX_QUEUE,
+        max_connections: int = MAX_CONNECTIONS,
+        max_message: int = MAX_MESSAGE,
+        context: Any = None,
+    ) -> None:
+        zmq = self.zmq = common.import_zmq("the dispatcher device")
+        self.max_queue = max_queue
+        self.max_connections = max_connections
+        self.own_context = context is None
+        self.context = context or zmq.Context()
+        self.sockets: list[Any] = []
+        self.handlers: dict[bytes, Handler] = {}
+        self.ready: deque[Handler] = deque()  # handlers with credit, in turn
+        self.queue: deque[tuple[bytes, Key, str | None]] = deque()  # waiting for credit
+        # the handler that has each connection: disconnect notices and upload-done
+        # messages go there (LRU, bounded by max_connections)
+        self.owners: OrderedDict[Key, bytes] = OrderedDict()
+        self.uploads: OrderedDict[Key, bytes] = OrderedDict()
+        self.dropped = 0
+        self.endpoints = (upstream, credit)
+        try:
+            self.requests = self._socket(zmq.PULL, max_message)
+            if upstream.identity:
+                self.requests.setsockopt(zmq.IDENTITY, upstream.identity.encode())
+            self.requests.connect(upstream.address)
+            self.router = self._socket(zmq.ROUTER, max_message)
+            self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            try:
+                self.router.bind(credit.address)
+            except zmq.ZMQError as exc:
+                raise UsageError(f"--credit {credit.address}: cannot bind: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _socket(self, kind: int, max_message: int) -> Any:
+        sock = self.context.socket(kind)
+        self.sockets.append(sock)
+        sock.setsockopt(self.zmq.LINGER, LINGER_MS)
+        sock.setsockopt(self.zmq.MAXMSGSIZE, max_message)
+        return sock
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets.clear()
+        if self.own_context:
+            self.context.term()
+
+    @property
+    def credit(self) -> int:
+        """Requests the handlers have asked for and not been given."""
+        return sum(h.credit for h in self.handlers.values())
+
+    def run(self, stopping: Callable[[], bool]) -> int:
+        zmq = self.zmq
+        log.info(
+            "credit mode: requests from %s to the handlers that ask at %s (queue up to %d)",
+            self.endpoints[0].address,
+            self.endpoints[1].address,
+            self.max_queue,
+        )
+        poller = zmq.Poller()
+        poller.register(self.requests, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        while not stopping():
+            self.step(common.POLL_MS, poller)
+        log.info(
+            "stopping; %s; %d queued, %d dropped",
+            ", ".join(f"{h.identity.hex()}: {h.routed}" for h in self.handlers.values())
+            or "no handler",
+            len(self.queue),
+            self.dropped,
+        )
+        return 0
+
+    def step(self, timeout_ms: int, poller: Any = None) -> None:
+        """One round: wait up to ``timeout_ms`` for a message, handle what came."""
+        zmq = self.zmq
+        if poller is None:
+            poller = zmq.Poller()
+            poller.register(self.requests, zmq.POLLIN)
+            poller.register(self.router, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms))
+        if self.router in ready:
+            for _ in range(BATCH):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._from_handler(frames)
+        if self.requests in ready:
+            for _ in range(BATCH):
+                try:
+                    msg = self.requests.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._request(msg)
+
+    # -- handlers --
+
+    def _from_handler(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[-1]
+        handler = self.handlers.get(identity)
+        if len(frames) == 2 and body.startswith(b"READY "):
+            count = body[6:]
+            if count.isdigit() and 0 < len(count) <= 7 and 0 < int(count) <= CREDIT_MAX:
+                if handler is None:
+                    handler = self.handlers[identity] = Handler(identity)
+                    log.info("handler %s connected", identity.hex())
+                handler.credit = min(handler.credit + int(count), CREDIT_MAX)
+                self._give(handler)
+                return
+        elif len(frames) == 2 and body == b"BYE":
+            if handler is not None:
+                self._forget(handler)
+                log.info("handler %s leaves after %d request(s)", identity.hex(), handler.routed)
+            try:
+                self.router.send_multipart([identity, b"", b"BYE"], self.zmq.NOBLOCK)
+            except self.zmq.ZMQError:
+                pass  # gone already
+            return
+        log.warning("dropped a malformed message from handler %s", identity.hex())
+
+    def _give(self, handler: Handler) -> None:
+        """``handler`` has credit: the queue first, then it waits its turn."""
+        while self.queue and handler.credit > 0 and handler.identity in self.handlers:
+            msg, key, stage = self.queue.popleft()
+            if not self._send_request(handler, msg, key, stage):
+                self.queue.appendleft((msg, key, stage))
+                return
+        if handler.credit > 0 and not handler.queued_ready:
+            handler.queued_ready = True
+            self.ready.append(handler)
+
+    def _forget(self, handler: Handler) -> None:
+        handler.credit = 0
+        self.handlers.pop(handler.identity, None)
+        for table in (self.owners, self.uploads):
+            for key in [k for k, ident in table.items() if ident == handler.identity]:
+                del table[key]
+
+    def _send_to(self, handler: Handler, msg: bytes) -> bool:
+        """Send one request to ``handler`` (it has credit); False when it is gone."""
+        zmq = self.zmq
+        try:
+            self.router.send_multipart([handler.identity, msg], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                log.warning("handler %s went away without a goodbye", handler.identity.hex())
+            else:
+                log.warning("handler %s takes no more: %s", handler.identity.hex(), exc)
+            self._forget(handler)
+            return False
+        handler.credit -= 1
+        handler.routed += 1
+        return True
+
+    # -- requests: Mongrel2 -> a handler with credit --
+
+    def _request(self, msg: bytes) -> None:
+        try:
+            request = mongrel2.parse_request(msg)
+        except RemoteProtocolError as exc:
+            log.warning("dropped a malformed message from Mongrel2: %s", exc)
+            return
+        key = (request.sender, request.conn_id)
+        if request.is_disconnect:
+            self.uploads.pop(key, None)
+            self._to_owner(self.owners.pop(key, None), msg)
+            return
+        try:
+            stage = mongrel2.upload_stage(request)
+        except mongrel2.UploadError:
+            stage = None  # forged by the client: the handler answers 400 wherever it lands
+        if stage == "done":
+            owner = self.uploads.pop(key, None)
+            if owner is not None:
+                self._to_owner(owner, msg)
+                return
+        if self.queue or not self._dispatch(msg, key, stage):
+            if len(self.queue) >= self.max_queue:
+                self.dropped += 1
+                log.warning(
+                    "no handler asked for requests and %d wait already: one dropped (%d so far)",
+                    len(self.queue),
+                    self.dropped,
+                )
+                return
+            self.queue.append((msg, key, stage))
+
+    def _dispatch(self, msg: bytes, key: Key, stage: str | None) -> bool:
+        """To the next handler with credit; False when none has any."""
+        while self.ready:
+            handler = self.ready.popleft()
+            handler.queued_ready = False
+            if handler.credit <= 0 or handler.identity not in self.handlers:
+                continue
+            if not self._send_request(handler, msg, key, stage):
+                continue
+            if handler.credit > 0:
+                handler.queued_ready = True
+                self.ready.append(handler)
+            return True
+        return False
+
+    def _send_request(self, handler: Handler, msg: bytes, key: Key, stage: str | None) -> bool:
+        if not self._send_to(handler, msg):
+            return False
+        self._remember(self.owners, key, handler.identity)
+        if stage == "start":
+            self._remember(self.uploads, key, handler.identity)
+        return True
+
+    def _to_owner(self, owner: bytes | None, msg: bytes) -> None:
+        """A disconnect notice or an upload-done message: to the handler that has the
+        connection, credit or not (it takes no task there); dropped when it left."""
+        handler = self.handlers.get(owner) if owner is not None else None
+        if handler is None:
+            log.debug("message for a connection no live handler has: dropped")
+            return
+        try:
+            self.router.send_multipart([handler.identity, msg], self.zmq.NOBLOCK)
+        except self.zmq.ZMQError:
+            self._forget(handler)
+            return
+        handler.credit -= 1  # the handler grants it back at once
+
+    def _remember(self, table: OrderedDict[Key, bytes], key: Key, identity: bytes) -> None:
+        table[key] = identity
+        table.move_to_end(key)
+        while len(table) > self.max_connections:
+            table.popitem(last=False)
+
+
 # -- the command line --
 
 
@@ -392,8 +676,21 @@ def build_parser() -> argparse.ArgumentParser:
         "handler would); RECV_SPEC defaults to the next port down",
     )
     p.add_argument(
+        "--credit",
+        metavar="SPEC",
+        help="credit mode: the endpoint to bind where handlers started with --m2-dispatcher "
+        "connect and ask for requests (instead of --handlers and --replies)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=MAX_QUEUE,
+        metavar="N",
+        help="credit mode: requests waiting while no handler asked for one; beyond, they "
+        f"are dropped ({MAX_QUEUE})",
+    )
+    p.add_argument(
         "--handlers",
-        required=True,
         action="append",
         metavar="SPEC[,SPEC...]",
         help="endpoints to bind, one slot each; handlers connect their PULL socket to one "
@@ -401,7 +698,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--replies",
-        required=True,
         metavar="SPEC",
         help="endpoint to bind where handlers connect their PUB socket",
     )
@@ -432,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, stopping: Callable[[], bool]) -> int:
     upstream = common.parse_pair(args.zeromq, "--zeromq")
+    if args.credit:
+        return run_credit(args, upstream[0], stopping)
+    if not args.handlers or not args.replies:
+        raise UsageError("give --handlers and --replies (or --credit, for credit mode)")
     handlers = [
         common.parse_endpoint(spec, "--handlers")
         for value in args.handlers
@@ -449,6 +749,27 @@ def run(args: argparse.Namespace, stopping: Callable[[], bool]) -> int:
         max_connections=args.max_connections,
         max_message=args.max_message,
         send_timeout=args.send_timeout,
+    )
+    try:
+        return dispatcher.run(stopping)
+    finally:
+        dispatcher.close()
+
+
+def run_credit(args: argparse.Namespace, upstream: Endpoint, stopping: Callable[[], bool]) -> int:
+    if args.handlers or args.replies:
+        raise UsageError(
+            "--credit replaces --handlers and --replies: handlers publish their replies to "
+            "Mongrel2 themselves"
+        )
+    if args.max_queue < 0 or args.max_connections < 1 or args.max_message < 1:
+        raise UsageError("--max-queue: at least 0; --max-connections, --max-message: at least 1")
+    dispatcher = CreditDispatcher(
+        upstream,
+        common.parse_endpoint(args.credit, "--credit"),
+        max_queue=args.max_queue,
+        max_connections=args.max_connections,
+        max_message=args.max_message,
     )
     try:
         return dispatcher.run(stopping)

@@ -54,6 +54,10 @@ format is ``chaussette.protocols.mongrel2``'s; this module does the I/O around i
   processes less than a couple of milliseconds apart. Measured at ~1000 requests a second
   over two processes: 5 requests lost in 90 restarts of one process (18 when the drain
   closed as soon as its queue was empty); see docs/mongrel2.rst.
+- Credit mode (``--m2-dispatcher``, ``Credit``) closes that gap: requests come from
+  chaussette-dispatcher ``--credit`` over a DEALER socket, only as many as this process
+  asked for (its free tasks); a drain says goodbye, and once the dispatcher's answer has
+  come nothing more can: no request is in flight to a process that left. Threads only.
 """
 
 from __future__ import annotations
@@ -496,6 +500,116 @@ class PullDrain:
         self.monitor.close(linger=0)
 
 
+class Credit:
+    """Credit mode (``--m2-dispatcher``): requests come from chaussette-dispatcher, which
+    gives this process one only when it asked for it (``READY n``: n more).
+
+    The process asks for as many as it has tasks (``--threads``) at the start, then for
+    one more each time a request has finished, and at once for a message that took no
+    task (a disconnect notice, an upload-done message, a request queued behind another of
+    its connection). So the dispatcher never has more in flight to us than we can run, and
+    the requests wait in the dispatcher, where any handler can take them. A drain says
+    ``BYE``; the dispatcher answers ``BYE`` and sends nothing after it, so every request
+    it gave us has come once its answer has: nothing is in flight to a process that left.
+
+    The DEALER socket is the receiving task's alone (ZeroMQ sockets are not thread-safe):
+    a task that finishes a request counts the credit it owes and wakes the receiver
+    through an inproc socket (used under a lock), and the receiver sends the credit.
+    """
+
+    def __init__(self, server: Mongrel2Server, spec: str) -> None:
+        zmq = self.zmq = server.zmq
+        ctx = server.ctx
+        self.server = server
+        self.spec = spec
+        self.lock = server.engine.core_lock()
+        self.owed = 0  # credit earned back and not sent yet (under ``lock``)
+        dealer = self.dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.RCVHWM, 0)  # bounded by our credit, not by ZeroMQ
+        dealer.connect(spec)
+        wake = f"inproc://chaussette-credit-{id(self)}"
+        self.wake_in = ctx.socket(zmq.PULL)
+        self.wake_in.bind(wake)
+        self.wake_out = ctx.socket(zmq.PUSH)
+        self.wake_out.setsockopt(zmq.LINGER, 0)
+        self.wake_out.connect(wake)
+        self.wake_lock = server.engine.lock()
+        self.poller = zmq.Poller()
+        self.poller.register(dealer, zmq.POLLIN)
+        self.poller.register(self.wake_in, zmq.POLLIN)
+        self.leaving = 0.0  # when we said BYE (time.monotonic)
+        dealer.send(b"READY %d" % server.size, zmq.NOBLOCK)  # queued until connected
+
+    def owe(self, count: int = 1) -> None:
+        """The receiver: credit to send back with the next look at the socket."""
+        with self.lock:
+            self.owed += count
+
+    def returned(self) -> None:
+        """Any task, after a request: one more credit, and wake the receiver for it."""
+        with self.lock:
+            self.owed += 1
+            first = self.owed == 1
+        if first:
+            with self.wake_lock:
+                if self.wake_out is not None:
+                    try:
+                        self.wake_out.send(b"", self.zmq.NOBLOCK)
+                    except self.zmq.ZMQError:
+                        pass  # one is waiting already
+
+    def _grant(self) -> None:
+        with self.lock:
+            count, self.owed = self.owed, 0
+        if count and not self.leaving:
+            try:
+                self.dealer.send(b"READY %d" % count, self.zmq.NOBLOCK)
+            except self.zmq.Again:
+                self.owe(count)  # the dispatcher is not reading: again at the next look
+
+    def recv(self, timeout: float) -> list[bytes] | None:
+        """The receiver: the next message's frames, or None after ``timeout`` seconds."""
+        zmq = self.zmq
+        self._grant()
+        try:
+            return self.dealer.recv_multipart(zmq.NOBLOCK)  # type: ignore[no-any-return]
+        except zmq.Again:
+            pass
+        ready = dict(self.poller.poll(int(timeout * 1000)))
+        if self.wake_in in ready:
+            while True:
+                try:
+                    self.wake_in.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+            self._grant()
+        try:
+            return self.dealer.recv_multipart(zmq.NOBLOCK)  # type: ignore[no-any-return]
+        except zmq.Again:
+            return None
+
+    def leave(self) -> None:
+        self._grant()
+        self.leaving = time.monotonic()
+        try:
+            self.dealer.send(b"BYE", self.zmq.NOBLOCK)
+        except self.zmq.Again:
+            log.warning("the dispatcher (%s) is not reading: leaving without goodbye", self.spec)
+        log.info("leaving the dispatcher (%s): no new request; serving those given", self.spec)
+
+    def close_receiver(self) -> None:
+        """The receiver, at the end of the drain."""
+        self.dealer.close(linger=0)
+        self.wake_in.close(linger=0)
+
+    def close(self) -> None:
+        with self.wake_lock:
+            if self.wake_out is not None:
+                self.wake_out.close(linger=0)
+                self.wake_out = None
+
+
 class Crew:
     """Tasks taking turns at the receiving socket (leader/followers), each running the
     request it received itself: no handoff between a receiver and a worker.
@@ -591,6 +705,8 @@ class Crew:
                         if not all_busy.is_set():
                             all_busy.set()
                 run(*job)
+                if server.credit is not None:
+                    server.credit.returned()
                 with lock:
                     self.free += 1
                     if self.tasks > 1 and time.monotonic() - self.needed_at >= SHRINK_AFTER:
@@ -638,6 +754,7 @@ class Mongrel2Server(Server):
         # several handler processes commonly share one Mongrel2: say so to the app
         self.base = base_environ(engine.multithread, True)
         self.base["SERVER_SOFTWARE"] = SERVER_SOFTWARE
+        self.base["wsgi.input_terminated"] = True
         self.state_lock = engine.core_lock()
         self.conns: dict[tuple[str, str], M2Conn] = {}
         # connections we closed, until Mongrel2 says they are gone: what still comes for
@@ -650,6 +767,19 @@ class Mongrel2Server(Server):
         self.ctx: Any = None
         self.pull: Any = None
         self.drain: PullDrain | None = None  # set by start()
+        self.dispatcher: str | None = settings.m2_dispatcher or None
+        if self.dispatcher is not None:
+            if not self.blocking:
+                raise UsageError(
+                    "--m2-dispatcher: only with --backend threads (for now); "
+                    f"not with --backend {settings.backend}"
+                )
+            if not self.dispatcher.startswith(("tcp://", "ipc://")):
+                raise UsageError(
+                    f"--m2-dispatcher {self.dispatcher}: not a ZeroMQ endpoint "
+                    "(tcp://host:port or ipc://path)"
+                )
+        self.credit: Credit | None = None  # credit mode: set by start()
         self.leftover: deque[Job] = deque()  # requests left in the queue when we closed it
         self.publisher: Publisher = None  # type: ignore[assignment]  # set by start()
         self.crew: Crew | None = None
@@ -683,6 +813,20 @@ class Mongrel2Server(Server):
     def start(self) -> None:
         zmq = self.zmq
         self.ctx = zmq.Context()
+        if self.dispatcher is not None:
+            self.publisher = Publisher(self, self.endpoints.recv_spec, self.identity, self.timeout)
+            self.credit = Credit(self, self.dispatcher)
+            self.pull = self.credit.dealer
+            log.info(
+                "Mongrel2 %s: requests from the dispatcher at %s (credit mode, %d at a time), "
+                "replies to %s",
+                self.where,
+                self.dispatcher,
+                self.size,
+                self.endpoints.recv_spec,
+            )
+            self._start_crew()
+            return
         pull = self.pull = self.ctx.socket(zmq.PULL)
         pull.setsockopt(zmq.RCVHWM, RCV_HWM)
         if self.blocking:
@@ -702,6 +846,9 @@ class Mongrel2Server(Server):
             self.endpoints.send_spec,
             self.endpoints.recv_spec,
         )
+        self._start_crew()
+
+    def _start_crew(self) -> None:
         if self.uploads.directory is None:
             log.info("async uploads are refused (400): no --upload-dir")
         else:
@@ -744,6 +891,8 @@ class Mongrel2Server(Server):
         for conn in list(self.conns.values()):
             conn.gone = True  # ends what is still running at its next chunk
         self.publisher.close()
+        if self.credit is not None:
+            self.credit.close()
         if received:
             self.ctx.term()  # waits (up to LINGER_MS) for the replies still queued
         self.ctx = None
@@ -753,6 +902,15 @@ class Mongrel2Server(Server):
     def recv(self) -> bytes | None:
         """One message, or None after ``TICK`` seconds without one."""
         zmq = self.zmq
+        if self.credit is not None:
+            frames = self.credit.recv(TICK)
+            if frames is None:
+                return None
+            if len(frames) == 1:
+                return frames[0]
+            log.warning("dropped an unexpected message from the dispatcher")
+            self.credit.owe()
+            return None
         if self.blocking:
             try:
                 msg: bytes = self.pull.recv()
@@ -818,6 +976,8 @@ class Mongrel2Server(Server):
             job = self.dispatch(msg)
             if job is not None:
                 return job
+            if self.credit is not None:
+                self.credit.owe()  # it took no task
         # the drain is over: what was left in the queue is run by whichever tasks come
         try:
             return self.leftover.popleft()
@@ -828,6 +988,8 @@ class Mongrel2Server(Server):
         """In a drain: the next message Mongrel2 sent before it saw us leave; None once
         every connection has ended (the socket is closed then: what was left in its queue
         is in ``leftover``)."""
+        if self.credit is not None:
+            return self.credit_drain_receive(self.credit)
         zmq = self.zmq
         pull, drain = self.pull, self.drain
         assert pull is not None and drain is not None
@@ -877,6 +1039,32 @@ class Mongrel2Server(Server):
             job = self.dispatch(msg)
             if job is not None:
                 self.leftover.append(job)
+        self.receiver_done.set()
+        return None
+
+    def credit_drain_receive(self, credit: Credit) -> bytes | None:
+        """In a drain, credit mode: the next request the dispatcher gave us before it
+        read our BYE; None once its answer has come (nothing can follow it)."""
+        if not credit.leaving:
+            credit.leave()
+        while True:
+            frames = credit.recv(DRAIN_POLL)
+            if frames is not None:
+                if len(frames) == 1:
+                    return frames[0]
+                if frames == [b"", b"BYE"]:
+                    log.info("disconnected from the dispatcher (%s)", credit.spec)
+                    break
+                log.warning("dropped an unexpected message from the dispatcher")
+            elif time.monotonic() - credit.leaving >= DISCONNECT_WAIT:
+                log.warning(
+                    "the dispatcher (%s) did not answer our goodbye in %g s: leaving anyway",
+                    credit.spec,
+                    DISCONNECT_WAIT,
+                )
+                break
+        self.pull = None
+        credit.close_receiver()
         self.receiver_done.set()
         return None
 
@@ -1040,12 +1228,9 @@ class Mongrel2Server(Server):
         else:
             read_some = _no_body
         try:
-            environ = self.base.copy()
-            environ.update(core.environ_from_request(request))
-            environ["wsgi.url_scheme"] = core.url_scheme(request)
+            environ = core.wsgi_environ(request, self.base)
             environ["wsgi.input"] = BodyReader(read_some)
             environ["wsgi.errors"] = ErrorStream()
-            environ["wsgi.input_terminated"] = True
             response = BufferedResponse(self.app, environ, Reply(self, conn, request))
             response.run()
         finally:
