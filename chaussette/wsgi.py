@@ -127,23 +127,35 @@ class BodyReader:
         self._eof = False
         self._before = before_first_read
 
-    def _fill(self, want: int) -> bool:
-        """Append what the source has (at least ``want`` is asked); False at the end."""
+    def _next(self, want: int) -> bytes:
+        """The source's next bytes (at most ``want``); b"" at the end."""
         if self._before is not None:
             before, self._before = self._before, None
             before()
         if self._eof:
-            return False
-        data = self._read_some(max(want, 8192))
+            return b""
+        data = self._read_some(want)
         if not data:
             self._eof = True
+        return data
+
+    def _fill(self, want: int) -> bool:
+        """Append what the source has (at least ``want`` is asked); False at the end."""
+        data = self._next(max(want, 8192))
+        if not data:
             return False
         self._buffer += data
         return True
 
     def _take(self, size: int) -> bytes:
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
+        buffer = self._buffer
+        if size >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+            return data
+        with memoryview(buffer) as view:  # one copy (a slice of the bytearray is two)
+            data = view[:size].tobytes()
+        del buffer[:size]  # from the front: CPython moves the start, not the bytes
         return data
 
     def read(self, size: int | None = -1) -> bytes:
@@ -151,9 +163,33 @@ class BodyReader:
             while self._fill(65536):
                 pass
             return self._take(len(self._buffer))
+        if size >= 8192 and not self._buffer:
+            return self._read_direct(size)
         while len(self._buffer) < size and self._fill(size - len(self._buffer)):
             pass
         return self._take(size)
+
+    def _read_direct(self, size: int) -> bytes:
+        """``read(size)`` with nothing buffered: the source's bytes are returned as they
+        came (joined once if they came in pieces), never copied through the buffer."""
+        data = self._next(size)
+        if len(data) == size:  # the common case: one piece, exactly the size asked
+            return data
+        pieces = [data]
+        left = size - len(data)
+        try:
+            while left > 0 and data:
+                data = self._next(left)
+                pieces.append(data)
+                left -= len(data)
+        except BaseException:
+            self._buffer += b"".join(pieces)  # kept, as the buffered path would keep them
+            raise
+        if left < 0:  # a source that gave more than asked: keep the rest for later
+            whole = b"".join(pieces)
+            self._buffer += memoryview(whole)[size:]
+            return whole[:size]
+        return b"".join(pieces)
 
     def readline(self, size: int | None = -1) -> bytes:
         limit = sys.maxsize if size is None or size < 0 else size

@@ -289,29 +289,7 @@ class Circus:
         return result.stdout.strip()
 
     def call(self, command: str, timeout: float = 60, **props: object) -> dict[str, Any]:
-        """One command over Circus' control channel from this process (what circusctl
-        sends, without starting a Python per poll); the answer, checked to be "ok"."""
-        import zmq  # a dependency of circus
-
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        try:
-            sock.connect(self.endpoint)
-            call_id = uuid.uuid4().hex
-            sock.send_json({"id": call_id, "command": command, "properties": props})
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and self.proc.popen.poll() is None:
-                if sock.poll(100):
-                    answer = sock.recv_json()
-                    if isinstance(answer, dict) and answer.get("id") == call_id:
-                        break
-            else:
-                raise AssertionError(f"circus {command}: no answer\n{self.proc.output()}")
-        finally:
-            sock.close(linger=0)
-            context.term()
-        assert answer.get("status") == "ok", f"circus {command} {props}: {answer}"
-        return answer
+        return circus_call(self.endpoint, self.proc, command, timeout, **props)
 
     def pids(self, watcher: str) -> set[int]:
         return self._record({int(p) for p in self.call("list", name=watcher)["pids"]})
@@ -514,3 +492,31 @@ class Supervisor:
 
     def log(self) -> str:
         return manager_log(self.proc, self.log_path, *sorted(self.logs.glob("web_*.log")))
+
+
+def circus_call(
+    endpoint: str, proc: Proc, command: str, timeout: float = 60, **props: object
+) -> dict[str, Any]:
+    """One command over Circus' control channel from this process (what circusctl sends,
+    without starting a Python per poll); the answer, checked to be "ok"."""
+    import zmq  # a dependency of circus
+
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.connect(endpoint)
+        call_id = uuid.uuid4().hex
+        sock.send_json({"id": call_id, "command": command, "properties": props})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.popen.poll() is None:
+            if sock.poll(100):
+                answer = sock.recv_json()
+                if isinstance(answer, dict) and answer.get("id") == call_id:
+                    break
+        else:
+            raise AssertionError(f"circus {command}: no answer\n{proc.output()}")
+    finally:
+        sock.close(linger=0)
+        context.term()
+    assert answer.get("status") == "ok", f"circus {command} {props}: {answer}\n{proc.output()}"
+    return answer

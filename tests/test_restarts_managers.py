@@ -162,22 +162,7 @@ def accept_queue(listener: socket.socket) -> int:
     return count
 
 
-EVENTLET_FRESH = (
-    "the eventlet backend shuts every STATE_IDLE connection at stop_accepting, a new one "
-    "whose request line is not read yet included (reported)"
-)
-
-
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=EVENTLET_FRESH))
-        if b.name == "eventlet"
-        else b
-        for b in DRAINING
-    ],
-    ids=lambda b: b.name,
-)
+@pytest.mark.parametrize("backend", DRAINING, ids=lambda b: b.name)
 def test_connection_accepted_before_a_stop_is_served(procs, backend):
     """A worker accepted a connection whose client has not sent its request yet when the
     drain begins: the request that comes next must be answered (by that worker, or by the

@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 import xmlrpc.client
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ from tests.conftest import (
     require_peer,
 )
 from tests.load import Load, Report
+from tests.managers import circus_call
 from tests.nginx import (
     GATEWAY_APP,
     HOST,
@@ -212,29 +212,7 @@ graceful_timeout = {GRACEFUL + 10}
         self.proc = Proc(argv, log_dir=directory, env=child_env())
 
     def call(self, command: str, **props: object) -> dict[str, Any]:
-        """One command on Circus' control channel (what circusctl sends), answered "ok"."""
-        import zmq  # a dependency of circus
-
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        try:
-            sock.connect(self.endpoint)
-            call_id = uuid.uuid4().hex
-            sock.send_json({"id": call_id, "command": command, "properties": props})
-            answer: Any = None
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and self.proc.popen.poll() is None:
-                if sock.poll(100):
-                    answer = sock.recv_json()
-                    if isinstance(answer, dict) and answer.get("id") == call_id:
-                        break
-        finally:
-            sock.close(linger=0)
-            context.term()
-        assert isinstance(answer, dict) and answer.get("status") == "ok", (
-            f"circus {command} {props}: {answer}\n{self.log()}"
-        )
-        return answer
+        return circus_call(self.endpoint, self.proc, command, **props)
 
     def pids(self) -> set[int]:
         return {int(p) for p in self.call("list", name="web")["pids"]}

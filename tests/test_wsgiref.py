@@ -890,3 +890,75 @@ def test_bad_chunked_framing_closes_the_connection(bounded: Server, body: bytes)
     out = bounded.wait_log("client went away (POST /echo)", since=mark)
     assert "Traceback" not in out
     assert_serving(bounded.address)
+
+
+# -- the body reader over a real connection (no server process) --
+
+
+def test_body_reader_over_a_socket_mixes_direct_and_buffered_reads() -> None:
+    """What the wsgiref backend does with a request body: the head read through a 64 KiB
+    buffered file (so the start of the body is already buffered), then ``wsgi.input``
+    read in every way an app may: big reads (taken straight from the socket), small ones
+    and lines (through BodyReader's buffer), past the end."""
+    from chaussette.backends.wsgiref import _LengthSource
+    from chaussette.wsgi import BodyReader
+
+    body = b"".join(
+        random.Random(3).randbytes(n) + b"\n" for n in (70_000, 5, 200_000, 0, 9000, 300_000)
+    )
+    head = b"POST /x HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=a.sendall, args=(head + body,))
+    sender.start()
+    try:
+        with b.makefile("rb", buffering=65536) as rfile:
+            while rfile.readline() != b"\r\n":
+                pass
+            reader = BodyReader(_LengthSource(rfile, len(body)))
+            got = [reader.read(65536), reader.read(3), reader.readline(), reader.read(100_000)]
+            got += [reader.read(8192), reader.readline(), reader.read(1 << 20)]
+            assert b"".join(got) == body
+            assert [len(x) for x in got[:2]] == [65536, 3]
+            assert len(got[3]) == 100_000  # a big read returns all it asked for
+            assert reader.read(65536) == b"" and reader.readline() == b""
+    finally:
+        sender.join(10)
+        a.close()
+        b.close()
+
+
+def test_body_reader_keeps_what_a_source_gives_beyond_a_read() -> None:
+    """A source may hand over more than asked (read_some's bound is a contract, not
+    enforced): a big read returns its size and the rest is kept for the next reads."""
+    from chaussette.wsgi import BodyReader
+
+    data = bytes(range(256)) * 400  # 102,400 bytes
+    pieces = [data[:50_000], data[50_000:]]  # the second is more than any read asks
+
+    def read_some(n: int) -> bytes:
+        return pieces.pop(0) if pieces else b""
+
+    reader = BodyReader(read_some)
+    assert reader.read(60_000) == data[:60_000]
+    assert reader.read(10) == data[60_000:60_010]
+    assert reader.read(40_000) == data[60_010:100_010]
+    assert reader.read() == data[100_010:]
+
+
+def test_body_reader_keeps_what_came_before_an_error() -> None:
+    """A big read cut by an error (a timeout, a reset) loses nothing already received:
+    an app that catches the error and reads on gets those bytes, as with small reads."""
+    from chaussette.wsgi import BodyReader, BodyTruncated
+
+    pieces: list[bytes | None] = [b"a" * 10_000, b"b" * 5_000, None]
+
+    def read_some(n: int) -> bytes:
+        piece = pieces.pop(0) if pieces else b""
+        if piece is None:
+            raise BodyTruncated("client closed with 5000 body bytes unsent")
+        return piece
+
+    reader = BodyReader(read_some)
+    with pytest.raises(BodyTruncated):
+        reader.read(20_000)
+    assert reader.read(16_000) == b"a" * 10_000 + b"b" * 5_000

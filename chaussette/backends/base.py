@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import abc
+import fcntl
 import select
-from typing import TYPE_CHECKING
+import struct
+import termios
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chaussette.settings import Settings
     from chaussette.sockets import Listener
     from chaussette.wsgi import WSGIApp
+
+# In a drain, a connection accepted but still silent may have its request on the way: it
+# gets this long to send it before it is closed (closing it unread would lose that request,
+# which no other process can take over).
+FRESH_GRACE = 1.0  # seconds
+
+
+def pending_bytes(sock: Any) -> int:
+    """Bytes the kernel holds for us to read on a connection (0 when unknown or closed)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError, AttributeError):
+        return 0
+    count: int = struct.unpack("i", raw)[0]
+    return count
 
 
 class Server(abc.ABC):

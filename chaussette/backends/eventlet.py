@@ -57,7 +57,7 @@ with warnings.catch_warnings():
     import eventlet.wsgi
     from eventlet.green import select as green_select
 
-from chaussette.backends.base import Server
+from chaussette.backends.base import FRESH_GRACE, Server, pending_bytes
 from chaussette.wsgi import ErrorStream
 
 log = logging.getLogger("chaussette")
@@ -71,6 +71,7 @@ ACCESS_FORMAT = (
 _CLIENT_GONE = ("BrokenPipeError", "ConnectionResetError", "ConnectionAbortedError", "TimeoutError")
 _RETRY_ACCEPT = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 REAP_EVERY = 1.0  # seconds between two looks for silent connections (at most)
+SWEEP = 0.1  # seconds between two looks at waiting connections while draining
 
 
 class _LibraryLog:
@@ -128,14 +129,20 @@ def _expire(hub: Any, listener: Any) -> None:
         listener.tb(TimeoutError("timed out"))
 
 
+# called directly, not through super(): these run for every request
+_base_get_environ = eventlet.wsgi.HttpProtocol.get_environ
+_base_handle_one_response = eventlet.wsgi.HttpProtocol.handle_one_response
+
+
 class _Protocol(eventlet.wsgi.HttpProtocol):  # type: ignore[misc]
     server: _WSGIServer
     application: Any
 
     def get_environ(self) -> dict[str, Any]:
-        env: dict[str, Any] = super().get_environ()
+        env: dict[str, Any] = _base_get_environ(self)
         env["SERVER_PROTOCOL"] = self.request_version
-        env.setdefault("QUERY_STRING", "")
+        if "QUERY_STRING" not in env:
+            env["QUERY_STRING"] = ""
         # PEP 3333: a key without a dot is a CGI variable, a str
         env["eventlet.headers_raw"] = raw = env.pop("headers_raw")
         for name, _ in raw:  # (a scan of the few raw names costs less than headers.get)
@@ -156,14 +163,20 @@ class _Protocol(eventlet.wsgi.HttpProtocol):  # type: ignore[misc]
                 env["SERVER_NAME"] = unix_path
         return env
 
+    def _read_request_line(self) -> Any:
+        line = super()._read_request_line()
+        self.server.fresh.discard(self.connection)  # no longer a silent new connection
+        return line
+
     def handle_one_response(self) -> None:
         if self.command == "HEAD":
             self.application = _head_only(self.application)
-        super().handle_one_response()
+        _base_handle_one_response(self)
 
 
 class _WSGIServer(eventlet.wsgi.Server):  # type: ignore[misc]
     unix_path: str | None = None
+    fresh: set[Any]  # connections accepted whose first request line is not read yet
 
 
 class EventletServer(Server):
@@ -205,6 +218,8 @@ class EventletServer(Server):
         if not self.tcp:
             self.server.unix_path = self.listener.unix_path() or ""
         self.connections: dict[Any, list[Any]] = {}
+        self.server.fresh = set()
+        self.drain_started = 0.0
         self.acceptor: Any = None
         self.reaper: Any = None
 
@@ -221,16 +236,37 @@ class EventletServer(Server):
             self.acceptor = None
         self.green.close()
         self.server.keepalive = False  # responses not started yet say Connection: close
+        self.drain_started = time.monotonic()
         for state in list(self.connections.values()):
             was = state[2]
             state[2] = eventlet.wsgi.STATE_CLOSE  # closed after the request in flight
             if was == eventlet.wsgi.STATE_IDLE:
-                eventlet.greenio.shutdown_safe(state[1])  # wakes its read: it closes
+                self._close_if_idle(state)
+
+    def _close_if_idle(self, state: list[Any]) -> None:
+        """In a drain, shut a connection waiting for a request unless a request is on its
+        way: bytes received, or a new connection still within FRESH_GRACE."""
+        conn = state[1]
+        fresh = conn in self.server.fresh
+        if fresh and time.monotonic() - self.drain_started < FRESH_GRACE:
+            return
+        if pending_bytes(conn):
+            return
+        eventlet.greenio.shutdown_safe(conn)  # wakes its read: it closes
 
     def wait_idle(self, timeout: float) -> bool:
-        with eventlet.Timeout(timeout, False):
-            self.pool.waitall()
-        return bool(self.pool.running() == 0)
+        deadline = time.monotonic() + timeout
+        while True:
+            for state in list(self.connections.values()):
+                if state[1] in self.server.fresh:
+                    self._close_if_idle(state)
+            left = deadline - time.monotonic()
+            with eventlet.Timeout(max(0.0, min(left, SWEEP)), False):
+                self.pool.waitall()
+            if self.pool.running() == 0:
+                return True
+            if left <= 0:
+                return False
 
     def in_flight(self) -> int:
         count: int = self.server.outstanding_requests
@@ -268,6 +304,7 @@ class EventletServer(Server):
                     pass
             state = [addr, conn, eventlet.wsgi.STATE_IDLE]
             self.connections[conn] = state
+            self.server.fresh.add(conn)
             self.pool.spawn_n(self._serve, state)
 
     def _reap(self, timeout: float) -> None:
@@ -309,6 +346,7 @@ class EventletServer(Server):
             log.exception("unexpected error serving a connection")
         finally:
             self.connections.pop(conn, None)
+            self.server.fresh.discard(conn)
             state[2] = eventlet.wsgi.STATE_CLOSE
             eventlet.greenio.shutdown_safe(conn)
             conn.close()

@@ -37,14 +37,11 @@ chaussette/wsgi.py, with keep-alive and ``sendfile`` for ``wsgi.file_wrapper``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import http.client
 import logging
 import os
 import socket
 import stat
-import struct
-import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -57,7 +54,7 @@ import gevent.select
 import gevent.server
 import gevent.socket
 
-from chaussette.backends.base import Server
+from chaussette.backends.base import FRESH_GRACE, Server, pending_bytes
 from chaussette.backends.wsgiref import (
     HTTP1,
     BadRequest,
@@ -76,20 +73,9 @@ log = logging.getLogger("chaussette")
 access = logging.getLogger("chaussette.access")
 
 DEFAULT_SPAWN = 1000  # greenlets (connections) at once when --spawn is not given
-FRESH_GRACE = 1.0  # seconds a silent new connection may still send its request in a drain
 _SWEEP = 0.1  # seconds between two looks at waiting connections while draining
 _SENDFILE_BLOCK = 1 << 20
 _SMALL_WRITE = 65536  # a first body piece up to this size goes out with the head
-
-
-def _pending_bytes(sock: Any) -> int:
-    """Bytes the kernel holds for us to read (0 when unknown)."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    count: int = struct.unpack("i", raw)[0]
-    return count
 
 
 class Connections:
@@ -128,7 +114,7 @@ class Connections:
         silent new ones after FRESH_GRACE. Not one with request bytes already here."""
         fresh_expired = time.monotonic() - self.drain_started >= FRESH_GRACE
         for sock, served in list(self.waiting.items()):
-            if (served or fresh_expired) and not _pending_bytes(sock):
+            if (served or fresh_expired) and not pending_bytes(sock):
                 try:
                     sock.shutdown(socket.SHUT_RDWR)  # wakes its greenlet: it closes
                 except OSError:

@@ -197,6 +197,7 @@ class MeinheldServer(Server):
                 finished(self.fd)
 
         plain_lists = not self.log_access
+        adapter = self
 
         def wsgi(environ: dict[str, Any], start_response: Any) -> Any:
             fd = environ["meinheld.client"].get_fd()
@@ -212,7 +213,7 @@ class MeinheldServer(Server):
                 if host:
                     environ["SERVER_NAME"] = host.rsplit(":", 1)[0] if "]" not in host else host
             try:
-                result = app(environ, start_response)
+                result = app(environ, _Start(start_response, adapter))
             except BaseException:
                 finished(fd)
                 raise
@@ -394,3 +395,22 @@ class _NoFile:
 
     def read(self, size: int = -1) -> bytes:
         return b""
+
+
+class _Start:
+    """``start_response`` adding ``Connection: close`` when the response starts during a
+    drain (the app may have been called before it). meinheld decides keep-alive when it
+    reads the request and appends its own ``Connection`` header after the app's: with
+    ``close`` among the values, clients close; meinheld shuts the connection after a
+    response that ends during a drain anyway."""
+
+    __slots__ = ("adapter", "start_response")
+
+    def __init__(self, start_response: Any, adapter: Any) -> None:
+        self.start_response = start_response
+        self.adapter = adapter
+
+    def __call__(self, status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        if self.adapter.draining:
+            headers = [*headers, ("Connection", "close")]
+        return self.start_response(status, headers, exc_info)

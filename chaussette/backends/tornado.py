@@ -37,12 +37,9 @@ and no connection is left waiting for its grace.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import queue
 import socket
-import struct
-import termios
 import threading
 import time
 from collections import deque
@@ -67,7 +64,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError, UnsatisfiableReadError
 
 from chaussette import __version__
-from chaussette.backends.base import Server
+from chaussette.backends.base import FRESH_GRACE, Server, pending_bytes
 from chaussette.wsgi import ErrorStream, Response, WSGIApp
 
 log = logging.getLogger("chaussette")
@@ -81,7 +78,6 @@ MAX_LINE = 4096  # a chunk-size line or a trailer field
 MAX_TRAILERS = 100
 _BODYLESS = frozenset((204, 304))
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
-FRESH_GRACE = 1.0  # seconds a silent new connection may still send its request in a drain
 SWEEP = 0.1  # seconds between two looks at waiting connections while draining
 
 
@@ -89,15 +85,7 @@ def _pending_bytes(stream: Any) -> int:
     """Request bytes received on a connection and not parsed yet: in tornado's buffer or
     in the kernel's (0 when unknown)."""
     count: int = getattr(stream, "_read_buffer_size", 0)
-    sock = stream.socket
-    if sock is None:
-        return count
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return count
-    unread: int = struct.unpack("i", raw)[0]
-    return count + unread
+    return count + pending_bytes(stream.socket)
 
 
 class _BadChunk(Exception):

@@ -31,12 +31,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
 import socket
-import struct
-import termios
 import threading
 import time
 from typing import Any
@@ -49,7 +46,7 @@ from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask, WSGITask
 from waitress.utilities import Error, InternalServerError
 
-from chaussette.backends.base import Server
+from chaussette.backends.base import FRESH_GRACE, Server, pending_bytes
 from chaussette.wsgi import ErrorStream
 
 log = logging.getLogger("chaussette")
@@ -58,17 +55,6 @@ access = logging.getLogger("chaussette.access")
 LOOP_TIMEOUT = 1.0  # seconds the loop sleeps with nothing to do (waitress's own default)
 DRAIN_TICK = 0.05  # while draining, how often idle connections are looked for
 THREAD_WAIT = 5.0  # bound on waiting for the loop thread to act on a stop
-FRESH_GRACE = 1.0  # seconds a silent new connection may still send its request in a drain
-
-
-def _pending_bytes(sock: Any) -> int:
-    """Bytes the kernel holds for us to read on a connection (0 when unknown)."""
-    try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError, AttributeError):
-        return 0
-    count: int = struct.unpack("i", raw)[0]
-    return count
 
 
 class URITooLong(Error):  # type: ignore[misc]
@@ -378,7 +364,7 @@ class WaitressServer(Server):
         for channel in list(self.server.active_channels.values()):
             if _busy(channel):
                 busy += 1
-            elif (fresh and not channel.heard) or _pending_bytes(channel.socket):
+            elif (fresh and not channel.heard) or pending_bytes(channel.socket):
                 busy += 1  # its first request may be on its way, or a request is here
             elif not channel.will_close:
                 channel.will_close = True  # closed at the next turn of the loop
