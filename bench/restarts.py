@@ -408,6 +408,8 @@ def measure(
             front = fb.Row(row.name, "chaussette", None, upstream="fastcgi")
             nginx, port = fb.start_nginx(front, managed.port, work, opts.client_cpu)
             fb.wait_through(port, [nginx])
+            # a new worker serves once it answers through nginx (it speaks FastCGI, not HTTP)
+            managed.manager.tcp = ("127.0.0.1", port)
         elif hb.probe(port) != 200:
             raise RuntimeError(f"GET / on {port} did not answer 200")
         wrk = start_wrk(opts, script, port, opts.duration, close)

@@ -21,9 +21,11 @@ FRESH_GRACE = 1.0  # seconds
 
 
 def pending_bytes(sock: Any) -> int:
-    """Bytes the kernel holds for us to read on a connection (0 when unknown or closed)."""
+    """Bytes the kernel holds for us to read on a connection, a socket or its descriptor
+    (0 when unknown or closed)."""
     try:
-        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        fd = sock if isinstance(sock, int) else sock.fileno()
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
     except (OSError, ValueError, AttributeError):
         return 0
     count: int = struct.unpack("i", raw)[0]

@@ -42,7 +42,7 @@ from types import ModuleType, TracebackType
 from typing import Any
 
 from chaussette.backends import meinheld_build
-from chaussette.backends.base import Server
+from chaussette.backends.base import Server, pending_bytes
 from chaussette.errors import EXIT_RUNTIME, ChaussetteError, UsageError
 
 log = logging.getLogger("chaussette")
@@ -241,8 +241,9 @@ class MeinheldServer(Server):
         if left > 0:
             self.busy[fd] = left
         self.done.add(fd)
-        if self.draining:
-            # its response is sent (or cut): no keep-alive while draining
+        if self.draining and not pending_bytes(fd):
+            # its response is sent (or cut): no keep-alive while draining. A next request
+            # already here is served instead (answered Connection: close), not cut.
             _shutdown(fd)
 
     # -- Server API --
@@ -277,7 +278,9 @@ class MeinheldServer(Server):
         with contextlib.suppress(OSError):
             os.write(self.wake_w, b"s")  # the rest is done in meinheld's loop: _watch
         for fd in self.done - self.busy.keys():
-            if self._is_connection(fd):
+            # idle ones only: one whose next request is already here is served, with
+            # Connection: close, then shut by _finished
+            if self._is_connection(fd) and not pending_bytes(fd):
                 _shutdown(fd)
 
     def wait_idle(self, timeout: float) -> bool:
