@@ -164,9 +164,11 @@ def run_tool(args: list[str], timeout: float = 60) -> subprocess.CompletedProces
 
 
 def pids_served(
-    address: tuple[str, int] | str, expected: set[int], proc: Proc, attempts: int = 300
+    address: tuple[str, int] | str, expected: set[int], proc: Proc, attempts: int = 2000
 ) -> set[int]:
-    """/pid answers until every expected worker has answered (bounded); the pids seen."""
+    """/pid answers until every expected worker has answered (bounded); the pids seen.
+    A worker the manager reports may still be loading its app: the others answer
+    meanwhile, so the loop paces itself instead of spending its attempts at once."""
     seen: set[int] = set()
     deadline = time.monotonic() + 20
     for _ in range(attempts):
@@ -175,6 +177,7 @@ def pids_served(
         seen.add(int(resp.body))
         if seen >= expected or time.monotonic() > deadline:
             break
+        time.sleep(0.01)
     assert seen == expected, (
         f"{address}: answered by {sorted(seen)}, manager reports {sorted(expected)}\n"
         f"{proc.output()}"
