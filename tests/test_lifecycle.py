@@ -209,11 +209,19 @@ def test_sigquit_exits_at_once_and_removes_own_unix_socket(procs, short_tmp, tmp
 
 
 def test_sigquit_when_idle_exits_0(procs):
-    port = free_port()
-    proc = procs.chaussette("--port", str(port), LIFE_APP)
-    wait_http(("127.0.0.1", port), proc)
-    proc.send(signal.SIGQUIT)
-    assert wait_exit(proc, 5) == 0
+    # The probe's connection counts as in flight until the worker that closed it has done
+    # its bookkeeping, a moment after the client reads the end: a SIGQUIT landing in that
+    # moment rightly says "1 request(s) in flight" and exits 1. Then try again (bounded).
+    for _ in range(3):
+        port = free_port()
+        proc = procs.chaussette("--port", str(port), LIFE_APP)
+        wait_http(("127.0.0.1", port), proc)
+        proc.send(signal.SIGQUIT)
+        code = wait_exit(proc, 5)
+        if "exiting now, 1 request(s) in flight" not in proc.output():
+            break
+    assert "exiting now, 0 request(s) in flight" in proc.output(), proc.output()
+    assert code == 0
 
 
 def test_graceful_timeout_cuts_the_request_and_exits_1(procs, tmp_path):
