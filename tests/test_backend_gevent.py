@@ -387,6 +387,12 @@ def test_reloader_under_monkey_patching_keeps_serving(procs, tmp_path: Path, bac
     address = ("127.0.0.1", port)
     proc.wait_for_output("serving vapp.py")
     assert http_request(address, "/", timeout=3).body == b"v1"
-    (tmp_path / "vapp.py").write_text(VERSIONED.format(version="v2"))
-    proc.wait_for_output("re-executing")
+    # "reloader watching" is logged as the watcher starts: an edit made in the moment
+    # before its watch is set up goes unseen, so edit again (bounded) until it is seen
+    for attempt in range(5):
+        (tmp_path / "vapp.py").write_text(VERSIONED.format(version="v2") + "#" * attempt)
+        with contextlib.suppress(AssertionError):
+            proc.wait_for_output("re-executing", timeout=3)
+            break
+    proc.wait_for_output("re-executing", timeout=1)
     assert wait_http(address, proc, timeout=10).body == b"v2"
