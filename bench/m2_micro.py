@@ -75,23 +75,9 @@ def handler_stage(msg: bytes) -> Callable[[], object]:
     a Mongrel2Server whose publisher drops what it is given (as bench/mongrel2.py's
     breakdown)."""
     from bench.apps import app
-    from chaussette.drivers.mongrel2 import Mongrel2Server
-    from chaussette.settings import Settings
-    from chaussette.sockets import Outbound
+    from bench.mongrel2 import offline_server
 
-    class Publisher:
-        def send(self, frame: bytes, epoch: int) -> None:
-            return
-
-        def epoch_now(self) -> int:
-            return 0
-
-        def check(self) -> None:
-            return
-
-    settings = Settings(protocol="mongrel2", zeromq="tcp://127.0.0.1:9999")
-    server = Mongrel2Server(app, Outbound("bench"), settings)
-    server.publisher = Publisher()  # type: ignore[assignment]
+    server = offline_server(app)
 
     def run() -> None:
         job = server.dispatch(msg)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import http as hb
 from bench.http import (
@@ -320,16 +321,37 @@ def table(rows: list[Row]) -> str:
 # -- where the time goes -----------------------------------------------------------------------
 
 
+def offline_server(app: Callable[..., Any]) -> Any:
+    """A Mongrel2Server that is never started, its replies dropped: for timing the Python
+    a request costs in the handler, without ZeroMQ (``--breakdown``, bench/m2_micro.py)."""
+    from chaussette.drivers.mongrel2 import Mongrel2Server
+    from chaussette.settings import Settings
+    from chaussette.sockets import Outbound
+
+    class Publisher:
+        def send(self, frame: bytes, epoch: int) -> None:
+            return
+
+        def epoch_now(self) -> int:
+            return 0
+
+        def check(self) -> None:
+            return
+
+    settings = Settings(protocol="mongrel2", zeromq="tcp://127.0.0.1:9999")
+    server = Mongrel2Server(app, Outbound("bench"), settings)
+    server.publisher = Publisher()
+    return server
+
+
 def breakdown(count: int = 10000) -> str:
     """Time each stage of chaussette's handler on one captured request, in-process (no
     ZeroMQ): what a request costs in Python before the sockets."""
     from bench.apps import app
     from chaussette.drivers.environ import base_environ
-    from chaussette.drivers.mongrel2 import M2Conn, Mongrel2Server, Reply, _no_body
+    from chaussette.drivers.mongrel2 import M2Conn, Reply, _no_body
     from chaussette.drivers.response import BufferedResponse
     from chaussette.protocols import mongrel2 as core
-    from chaussette.settings import Settings
-    from chaussette.sockets import Outbound
     from chaussette.wsgi import BodyReader, ErrorStream
 
     headers: dict[str, str | list[str]] = {
@@ -347,19 +369,7 @@ def breakdown(count: int = 10000) -> str:
     msg = core.encode_request(SERVER_UUID, "42", "/", headers)
     request = core.parse_request(msg)
 
-    class Publisher:
-        def send(self, frame: bytes, epoch: int) -> None:
-            return
-
-        def epoch_now(self) -> int:
-            return 0
-
-        def check(self) -> None:
-            return
-
-    settings = Settings(protocol="mongrel2", zeromq="tcp://127.0.0.1:9999")
-    server = Mongrel2Server(app, Outbound("bench"), settings)
-    server.publisher = Publisher()  # type: ignore[assignment]
+    server = offline_server(app)
     base = base_environ(True, True)
     conn = M2Conn(("x", "42"))
 

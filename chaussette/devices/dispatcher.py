@@ -61,7 +61,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from chaussette.devices import common
 from chaussette.devices.common import Endpoint
@@ -79,6 +79,31 @@ LINGER_MS = 1000
 BATCH = 256  # messages handled from one socket before looking at the others
 
 Key = tuple[str, str]  # (sender, conn_id)
+V = TypeVar("V")
+
+
+def classify(msg: bytes) -> tuple[mongrel2.Request, Key, str | None] | None:
+    """A message from Mongrel2: its request, connection key and upload stage ("start",
+    "done" or None; None too for upload headers a client forged: the handler answers 400
+    wherever it lands). None, logged, for a malformed message."""
+    try:
+        request = mongrel2.parse_request(msg)
+    except RemoteProtocolError as exc:
+        log.warning("dropped a malformed message from Mongrel2: %s", exc)
+        return None
+    try:
+        stage = mongrel2.upload_stage(request)
+    except mongrel2.UploadError:
+        stage = None
+    return request, (request.sender, request.conn_id), stage
+
+
+def remember(table: OrderedDict[Key, V], key: Key, value: V, bound: int) -> None:
+    """``table[key] = value`` as the newest entry, the oldest dropped beyond ``bound``."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > bound:
+        table.popitem(last=False)
 
 
 @dataclass(eq=False)
@@ -281,12 +306,10 @@ class Dispatcher:
     # -- requests: Mongrel2 -> a slot --
 
     def _request(self, msg: bytes) -> None:
-        try:
-            request = mongrel2.parse_request(msg)
-        except RemoteProtocolError as exc:
-            log.warning("dropped a malformed message from Mongrel2: %s", exc)
+        found = classify(msg)
+        if found is None:
             return
-        key = (request.sender, request.conn_id)
+        request, key, stage = found
         if request.is_disconnect:
             targets = self._disconnect_targets(key)
             if not targets:
@@ -294,15 +317,11 @@ class Dispatcher:
             for target in targets:
                 self._send(target, msg, fallback=False)
             return
-        slot = self._choose(key, request)
+        slot = self._choose(key, stage)
         if slot is not None:
             self._send(slot, msg, fallback=self.rule == "round-robin")
 
-    def _choose(self, key: Key, request: mongrel2.Request) -> Slot | None:
-        try:
-            stage = mongrel2.upload_stage(request)
-        except mongrel2.UploadError:
-            stage = None  # forged by the client: the handler answers 400 wherever it lands
+    def _choose(self, key: Key, stage: str | None) -> Slot | None:
         if stage == "done":
             paired = self.uploads.pop(key, None)
             if paired is not None and paired.alive:
@@ -323,10 +342,7 @@ class Dispatcher:
         return slot
 
     def _remember(self, table: OrderedDict[Key, Slot], key: Key, slot: Slot) -> None:
-        table[key] = slot
-        table.move_to_end(key)
-        while len(table) > self.max_connections:
-            table.popitem(last=False)
+        remember(table, key, slot, self.max_connections)
 
     def _next_live(self, skip: Slot | None = None) -> Slot | None:
         for _ in range(len(self.slots)):
@@ -586,20 +602,14 @@ class CreditDispatcher:
     # -- requests: Mongrel2 -> a handler with credit --
 
     def _request(self, msg: bytes) -> None:
-        try:
-            request = mongrel2.parse_request(msg)
-        except RemoteProtocolError as exc:
-            log.warning("dropped a malformed message from Mongrel2: %s", exc)
+        found = classify(msg)
+        if found is None:
             return
-        key = (request.sender, request.conn_id)
+        request, key, stage = found
         if request.is_disconnect:
             self.uploads.pop(key, None)
             self._to_owner(self.owners.pop(key, None), msg)
             return
-        try:
-            stage = mongrel2.upload_stage(request)
-        except mongrel2.UploadError:
-            stage = None  # forged by the client: the handler answers 400 wherever it lands
         if stage == "done":
             owner = self.uploads.pop(key, None)
             if owner is not None:
@@ -654,10 +664,7 @@ class CreditDispatcher:
         handler.credit -= 1  # the handler grants it back at once
 
     def _remember(self, table: OrderedDict[Key, bytes], key: Key, identity: bytes) -> None:
-        table[key] = identity
-        table.move_to_end(key)
-        while len(table) > self.max_connections:
-            table.popitem(last=False)
+        remember(table, key, identity, self.max_connections)
 
 
 # -- the command line --
