@@ -1,20 +1,27 @@
 """Zero loss across handler restarts with the dispatcher in credit mode, for real: the real
 ``mongrel2``, ``chaussette-dispatcher --credit`` between it and two chaussette handlers
 started with ``--m2-dispatcher``, steady load through Mongrel2, handlers restarted one at a
-time (a new one started, then an old one sent SIGTERM) and both at once. A handler gets a
-request only after it asked for one, and leaves with a goodbye the dispatcher answers, so
-nothing is ever in flight to a handler that left: no request may fail.
+time (a new one started, then an old one sent SIGTERM) and both at once, on every engine.
+A handler gets a request only after it asked for one, and leaves with a goodbye the
+dispatcher answers, so nothing is ever in flight to a handler that left: no request may
+fail. And a dispatcher that restarts gets the handlers' credit again, without them
+restarting.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import time
 from typing import Any
 
-from tests.conftest import Proc, free_port
+import pytest
+
+from tests.apps.gateway_app import FIRST, SECOND
+from tests.conftest import Conn, Proc, free_port, request_bytes
 from tests.load import Load
 from tests.test_restarts_protocols import (  # noqa: F401 (fixtures)
+    ENGINES,
     GRACEFUL,
     M2_APP,
     directory,
@@ -24,8 +31,6 @@ from tests.test_restarts_protocols import (  # noqa: F401 (fixtures)
 
 
 def wait_count(proc: Proc, text: str, count: int, timeout: float = 20) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while proc.output().count(text) < count:
         assert proc.popen.poll() is None, proc.output()[-4000:]
@@ -34,26 +39,22 @@ def wait_count(proc: Proc, text: str, count: int, timeout: float = 20) -> None:
 
 
 class Rig:
-    def __init__(self, procs: Any, server: Any) -> None:
+    def __init__(self, procs: Any, server: Any, engine: str = "threads") -> None:
         self.procs = procs
         self.m2 = server
+        self.engine = engine
         self.credit = f"tcp://127.0.0.1:{free_port()}"
-        self.dispatcher = procs.start(
-            [
-                sys.executable,
-                "-m",
-                "chaussette.devices.dispatcher",
-                "--zeromq",
-                server.tnet,
-                "--credit",
-                self.credit,
-            ]
-        )
-        self.dispatcher.wait_for_output("credit mode")
         self.connected = 0
+        self.dispatcher = self.start_dispatcher()
         self.handlers: list[Proc] = []
 
-    def start_handler(self) -> Proc:
+    def start_dispatcher(self) -> Proc:
+        argv = [sys.executable, "-m", "chaussette.devices.dispatcher", "--zeromq", self.m2.tnet]
+        proc = self.procs.start([*argv, "--credit", self.credit])
+        proc.wait_for_output("credit mode")
+        return proc
+
+    def start_handler(self, size: int = 4) -> Proc:
         proc = self.procs.chaussette(
             "--protocol",
             "mongrel2",
@@ -61,8 +62,10 @@ class Rig:
             self.m2.tnet,
             "--m2-dispatcher",
             self.credit,
-            "--threads",
-            "4",
+            "--backend",
+            self.engine,
+            "--threads" if self.engine == "threads" else "--spawn",
+            str(size),
             "--graceful-timeout",
             str(GRACEFUL),
             M2_APP,
@@ -99,10 +102,11 @@ class Rig:
             self.stop_handler(proc)
 
 
-def test_credit_restarts_lose_nothing(m2, procs):  # noqa: F811 (the fixture)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_credit_restarts_lose_nothing(engine, m2, procs):  # noqa: F811 (the fixture)
     from tests.mongrel2 import wait_handler
 
-    rig = Rig(procs, m2)
+    rig = Rig(procs, m2, engine)
     rig.start_handler()
     rig.start_handler()
     wait_handler(m2, rig.dispatcher)
@@ -122,3 +126,62 @@ def test_credit_restarts_lose_nothing(m2, procs):  # noqa: F811 (the fixture)
     assert rig.dispatcher.wait(15) == 0
     out = rig.dispatcher.output()
     assert "Traceback" not in out and "one dropped" not in out and "0 dropped" in out, out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_handlers_ask_a_restarted_dispatcher_again(engine, m2, procs):  # noqa: F811
+    """The dispatcher restarts (SIGTERM, then a new one on the same endpoint) while the
+    handlers keep running: ZeroMQ connects them again, they give the new dispatcher their
+    credit, and both serve again without a restart of their own."""
+    from tests.mongrel2 import wait_handler
+
+    rig = Rig(procs, m2, engine)
+    first, second = rig.start_handler(), rig.start_handler()
+    wait_handler(m2, rig.dispatcher)
+    rig.dispatcher.send(signal.SIGTERM)
+    assert rig.dispatcher.wait(15) == 0, rig.dispatcher.output()
+    for proc in (first, second):
+        proc.wait_for_output("lost the dispatcher")
+    rig.dispatcher = rig.start_dispatcher()
+    wait_count(rig.dispatcher, "connected", 2)
+    for proc in (first, second):
+        proc.wait_for_output("connected to the dispatcher again")
+    load = Load(m2.address, "/app/pid", clients=4, expect=is_pid, timeout=5)
+    report = load.run_while(lambda: time.sleep(1.0))
+    print(report.summary())
+    assert report.failed == 0 and report.ok > 0, report.summary()
+    pids = {str(p.pid).encode() for p in (first, second)}
+    assert set(report.bodies) == pids, (set(report.bodies), pids)
+    for proc in (first, second):
+        assert "Traceback" not in proc.output(), proc.output()
+
+
+def test_stopping_dispatcher_hands_out_its_queue(m2, procs):  # noqa: F811
+    """SIGTERM to a dispatcher with requests waiting in its queue (its only handler's one
+    task is held by a request): it leaves Mongrel2 but stays until the handler has asked
+    for them all, and the handler serves them."""
+    from tests.mongrel2 import wait_handler
+
+    rig = Rig(procs, m2)
+    rig.start_handler(size=1)
+    wait_handler(m2, rig.dispatcher)
+    gate = m2.workdir / "gate"
+    conns = [Conn(m2.address, timeout=20) for _ in range(6)]
+    try:
+        for conn in conns:
+            conn.send(request_bytes("GET", f"/app/gate?path={gate}"))
+            if conn is conns[0]:
+                conn.read_until(b"first piece")  # holds the only task
+        time.sleep(0.5)  # the others reach the dispatcher's queue
+        rig.dispatcher.send(signal.SIGTERM)
+        time.sleep(0.5)
+        assert rig.dispatcher.popen.poll() is None, rig.dispatcher.output()
+        gate.write_text("open")
+        for conn in conns[1:]:
+            assert conn.response().body == FIRST + SECOND
+    finally:
+        for conn in conns:
+            conn.sock.close()
+    assert rig.dispatcher.wait(15) == 0, rig.dispatcher.output()
+    out = rig.dispatcher.output()
+    assert "0 queued, 0 dropped" in out and "Traceback" not in out, out

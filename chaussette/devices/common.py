@@ -111,6 +111,9 @@ def main(
     except ChaussetteError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 class _Stop:

@@ -409,6 +409,7 @@ class Dispatcher:
 
 CREDIT_MAX = 1_000_000  # the most credit one message may grant
 MAX_QUEUE = 10_000
+DRAIN_TIMEOUT = 10.0  # seconds a stopping dispatcher waits for handlers to take its queue
 
 
 @dataclass(eq=False)
@@ -444,10 +445,12 @@ class CreditDispatcher:
         max_queue: int = MAX_QUEUE,
         max_connections: int = MAX_CONNECTIONS,
         max_message: int = MAX_MESSAGE,
+        drain_timeout: float = DRAIN_TIMEOUT,
         context: Any = None,
     ) -> None:
         zmq = self.zmq = common.import_zmq("the dispatcher device")
         self.max_queue = max_queue
+        self.drain_timeout = drain_timeout
         self.max_connections = max_connections
         self.own_context = context is None
         self.context = context or zmq.Context()
@@ -508,6 +511,7 @@ class CreditDispatcher:
         poller.register(self.router, zmq.POLLIN)
         while not stopping():
             self.step(common.POLL_MS, poller)
+        self.finish(poller)
         log.info(
             "stopping; %s; %d queued, %d dropped",
             ", ".join(f"{h.identity.hex()}: {h.routed}" for h in self.handlers.values())
@@ -516,6 +520,26 @@ class CreditDispatcher:
             self.dropped,
         )
         return 0
+
+    def finish(self, poller: Any) -> None:
+        """Stopping: leave Mongrel2 (it gives new requests to other handlers, or holds
+        them), and hand what reached us to the handlers as they ask, for up to
+        ``drain_timeout`` seconds."""
+        try:
+            self.requests.disconnect(self.endpoints[0].address)
+        except self.zmq.ZMQError:
+            pass
+        deadline = time.monotonic() + self.drain_timeout
+        while time.monotonic() < deadline:
+            if not self.queue and not self.requests.poll(0, self.zmq.POLLIN):
+                return
+            self.step(common.POLL_MS, poller)
+        log.warning(
+            "%d request(s) still waiting for a handler after %g s: dropped",
+            len(self.queue),
+            self.drain_timeout,
+        )
+        self.dropped += len(self.queue)
 
     def step(self, timeout_ms: int, poller: Any = None) -> None:
         """One round: wait up to ``timeout_ms`` for a message, handle what came."""
@@ -697,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"are dropped ({MAX_QUEUE})",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DRAIN_TIMEOUT,
+        metavar="SECONDS",
+        help="credit mode: on SIGTERM, how long the requests that reached the dispatcher "
+        f"wait for handlers to ask for them before they are dropped ({DRAIN_TIMEOUT:g})",
+    )
+    p.add_argument(
         "--handlers",
         action="append",
         metavar="SPEC[,SPEC...]",
@@ -771,12 +803,15 @@ def run_credit(args: argparse.Namespace, upstream: Endpoint, stopping: Callable[
         )
     if args.max_queue < 0 or args.max_connections < 1 or args.max_message < 1:
         raise UsageError("--max-queue: at least 0; --max-connections, --max-message: at least 1")
+    if args.drain_timeout < 0:
+        raise UsageError("--drain-timeout: at least 0")
     dispatcher = CreditDispatcher(
         upstream,
         common.parse_endpoint(args.credit, "--credit"),
         max_queue=args.max_queue,
         max_connections=args.max_connections,
         max_message=args.max_message,
+        drain_timeout=args.drain_timeout,
     )
     try:
         return dispatcher.run(stopping)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from chaussette.backends.eventlet import EventletServer
 
 import eventlet.hubs  # isort: skip
+from eventlet.green import select as green_select  # isort: skip
 
 from chaussette.drivers.eventlet import EventletEngine
 from chaussette.drivers.mongrel2 import Mongrel2Server as _Mongrel2Server
@@ -37,3 +38,6 @@ class Mongrel2Server(_Mongrel2Server):
             eventlet.hubs.trampoline(fd, read=True, timeout=timeout, timeout_exc=_Timeout)
         except _Timeout:
             pass
+
+    def wait_fds(self, fds: tuple[int, ...], timeout: float) -> None:
+        green_select.select(fds, (), (), timeout)

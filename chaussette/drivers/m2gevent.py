@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import gevent
+import gevent.select
 import gevent.socket
 
 from chaussette.backends.gevent import GreenServer, _route_hub_errors
@@ -38,3 +39,6 @@ class Mongrel2Server(_Mongrel2Server):
             gevent.socket.wait_read(fd, timeout)
         except TimeoutError:
             pass
+
+    def wait_fds(self, fds: tuple[int, ...], timeout: float) -> None:
+        gevent.select.select(fds, (), (), timeout)

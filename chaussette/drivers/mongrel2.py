@@ -57,7 +57,8 @@ format is ``chaussette.protocols.mongrel2``'s; this module does the I/O around i
 - Credit mode (``--m2-dispatcher``, ``Credit``) closes that gap: requests come from
   chaussette-dispatcher ``--credit`` over a DEALER socket, only as many as this process
   asked for (its free tasks); a drain says goodbye, and once the dispatcher's answer has
-  come nothing more can: no request is in flight to a process that left. Threads only.
+  come nothing more can: no request is in flight to a process that left. A dispatcher that
+  restarts is asked again for requests as soon as ZeroMQ has connected to it again.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ import fcntl
 import io
 import logging
 import os
+import posix
+import select
 import socket
 import struct
 import termios
@@ -123,6 +126,7 @@ CATCH_UP_SHARE = 0.5
 # seconds a drain waits for Mongrel2 to close its end of our request connection (it does
 # so as soon as it reads our FIN); after that the connection is closed anyway
 DISCONNECT_WAIT = 5.0
+HANDSHAKE_POLL = 0.005  # seconds between two tries to send credit while ZeroMQ connects
 
 
 Job = tuple["M2Conn", core.Request, "str | None"]  # a request to run, or to refuse (400)
@@ -504,90 +508,166 @@ class Credit:
     """Credit mode (``--m2-dispatcher``): requests come from chaussette-dispatcher, which
     gives this process one only when it asked for it (``READY n``: n more).
 
-    The process asks for as many as it has tasks (``--threads``) at the start, then for
-    one more each time a request has finished, and at once for a message that took no
-    task (a disconnect notice, an upload-done message, a request queued behind another of
-    its connection). So the dispatcher never has more in flight to us than we can run, and
-    the requests wait in the dispatcher, where any handler can take them. A drain says
+    Each connection to the dispatcher starts with ``READY`` for as many requests as this
+    process can take (``--threads``/``--spawn``, less those it holds), then one more each
+    time a request has finished, and at once for a message that took no task (a
+    disconnect notice, an upload-done message, a request queued behind another of its
+    connection). So the dispatcher never has more in flight to us than we can run, and the
+    requests wait in the dispatcher, where any handler can take them. A drain says
     ``BYE``; the dispatcher answers ``BYE`` and sends nothing after it, so every request
     it gave us has come once its answer has: nothing is in flight to a process that left.
 
-    The DEALER socket is the receiving task's alone (ZeroMQ sockets are not thread-safe):
-    a task that finishes a request counts the credit it owes and wakes the receiver
-    through an inproc socket (used under a lock), and the receiver sends the credit.
+    A dispatcher that restarts knows nothing of us: ZeroMQ connects again, the socket
+    monitor says so, and the new connection starts with its own ``READY``. Nothing is
+    queued for a dispatcher that is not connected (``IMMEDIATE``), so it never gets
+    credit twice.
+
+    The DEALER socket is the receiving task's alone (ZeroMQ sockets are not thread-safe,
+    and on gevent and eventlet a send from another task could take the wake-up the
+    receiver waits for): a task that finishes a request counts the credit it owes and,
+    when the receiver is waiting, wakes it through a pipe; the receiver sends the credit.
     """
 
     def __init__(self, server: Mongrel2Server, spec: str) -> None:
         zmq = self.zmq = server.zmq
-        ctx = server.ctx
         self.server = server
         self.spec = spec
+        self.size: int = server.size
         self.lock = server.engine.core_lock()
-        self.owed = 0  # credit earned back and not sent yet (under ``lock``)
-        dealer = self.dealer = ctx.socket(zmq.DEALER)
+        # under ``lock``: credit earned back and not sent yet; messages received whose
+        # credit is not earned back yet; the receiver is waiting (wake it for credit)
+        self.owed = 0
+        self.held = 0
+        self.waiting = False
+        self.announce = False  # a new connection: tell it all we can take
+        self.linked = False  # connected to the dispatcher
+        self.connections = 0
+        dealer = self.dealer = server.ctx.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
         dealer.setsockopt(zmq.RCVHWM, 0)  # bounded by our credit, not by ZeroMQ
+        dealer.setsockopt(zmq.IMMEDIATE, 1)  # no credit queued for a dispatcher not there
+        self.monitor = dealer.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         dealer.connect(spec)
-        wake = f"inproc://chaussette-credit-{id(self)}"
-        self.wake_in = ctx.socket(zmq.PULL)
-        self.wake_in.bind(wake)
-        self.wake_out = ctx.socket(zmq.PUSH)
-        self.wake_out.setsockopt(zmq.LINGER, 0)
-        self.wake_out.connect(wake)
-        self.wake_lock = server.engine.lock()
-        self.poller = zmq.Poller()
-        self.poller.register(dealer, zmq.POLLIN)
-        self.poller.register(self.wake_in, zmq.POLLIN)
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.poller: Any = None
+        if server.blocking:
+            self.poller = zmq.Poller()
+            self.poller.register(dealer, zmq.POLLIN)
+            self.poller.register(self.monitor, zmq.POLLIN)
+            self.poller.register(self.wake_r, zmq.POLLIN)
+        self.fds = (dealer.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD), self.wake_r)
         self.leaving = 0.0  # when we said BYE (time.monotonic)
-        dealer.send(b"READY %d" % server.size, zmq.NOBLOCK)  # queued until connected
 
-    def owe(self, count: int = 1) -> None:
-        """The receiver: credit to send back with the next look at the socket."""
+    # -- any task --
+
+    def owe(self) -> None:
+        """The receiver, for a message that took no task: its credit goes back at once."""
         with self.lock:
-            self.owed += count
+            self.held -= 1
+            self.owed += 1
 
     def returned(self) -> None:
-        """Any task, after a request: one more credit, and wake the receiver for it."""
+        """Any task, after a request: its credit goes back; wake the receiver for it."""
         with self.lock:
+            self.held -= 1
             self.owed += 1
-            first = self.owed == 1
-        if first:
-            with self.wake_lock:
-                if self.wake_out is not None:
-                    try:
-                        self.wake_out.send(b"", self.zmq.NOBLOCK)
-                    except self.zmq.ZMQError:
-                        pass  # one is waiting already
+            if self.waiting:
+                self.waiting = False
+                try:
+                    posix.write(self.wake_w, b"!")  # os.write waits under eventlet
+                except OSError:
+                    pass  # closed: we are done
 
-    def _grant(self) -> None:
-        with self.lock:
-            count, self.owed = self.owed, 0
-        if count and not self.leaving:
+    # -- the receiver --
+
+    def _events(self) -> None:
+        zmq = self.zmq
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
             try:
-                self.dealer.send(b"READY %d" % count, self.zmq.NOBLOCK)
-            except self.zmq.Again:
-                self.owe(count)  # the dispatcher is not reading: again at the next look
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.connections += 1
+                self.linked = self.announce = True
+                if self.connections > 1:
+                    log.info("connected to the dispatcher again (%s)", self.spec)
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                self.linked = False
+                if not self.leaving:
+                    log.warning("lost the dispatcher (%s): waiting for it", self.spec)
+
+    def _grant(self) -> bool:
+        """Send the credit we owe (all we can take, to a new connection); False when it
+        could not go yet (ZeroMQ's handshake with the dispatcher is not over)."""
+        if self.leaving:
+            return True
+        with self.lock:
+            count = max(self.size - self.held, 0) if self.announce else self.owed
+            if not count:
+                return True
+            self.owed = 0
+        try:
+            self.dealer.send(b"READY %d" % count, self.zmq.NOBLOCK)
+        except self.zmq.Again:  # not connected (IMMEDIATE): again later
+            with self.lock:
+                self.owed += count
+            return False
+        if self.announce:
+            self.announce = False
+            log.info("ready for %d request(s) from the dispatcher (%s)", count, self.spec)
+        return True
+
+    def _take(self) -> list[bytes] | None:
+        try:
+            frames: list[bytes] = self.dealer.recv_multipart(self.zmq.NOBLOCK)
+        except self.zmq.Again:
+            return None
+        with self.lock:
+            self.held += 1
+        return frames
 
     def recv(self, timeout: float) -> list[bytes] | None:
-        """The receiver: the next message's frames, or None after ``timeout`` seconds."""
+        """The next message's frames, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sent = self._grant()
+            frames = self._take()
+            if frames is not None:
+                return frames
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            if not sent and self.linked:
+                self._wait(min(left, HANDSHAKE_POLL))  # the handshake is about to end
+            else:
+                with self.lock:
+                    if self.owed and self.linked:
+                        continue  # earned meanwhile: send it first
+                    self.waiting = True
+                self._wait(left)
+                with self.lock:
+                    self.waiting = False
+            try:
+                while posix.read(self.wake_r, 512):  # os.read waits under eventlet
+                    pass
+            except OSError:
+                pass  # empty (BlockingIOError), or closed at the very end
+            self._events()
+
+    def _wait(self, timeout: float) -> None:
+        if self.poller is not None:
+            self.poller.poll(max(int(timeout * 1000), 1))
+            return
         zmq = self.zmq
-        self._grant()
-        try:
-            return self.dealer.recv_multipart(zmq.NOBLOCK)  # type: ignore[no-any-return]
-        except zmq.Again:
-            pass
-        ready = dict(self.poller.poll(int(timeout * 1000)))
-        if self.wake_in in ready:
-            while True:
-                try:
-                    self.wake_in.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-            self._grant()
-        try:
-            return self.dealer.recv_multipart(zmq.NOBLOCK)  # type: ignore[no-any-return]
-        except zmq.Again:
-            return None
+        for sock in (self.dealer, self.monitor):
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # edge-triggered descriptors
+                return
+        self.server.wait_fds(self.fds, timeout)
 
     def leave(self) -> None:
         self._grant()
@@ -595,19 +675,21 @@ class Credit:
         try:
             self.dealer.send(b"BYE", self.zmq.NOBLOCK)
         except self.zmq.Again:
-            log.warning("the dispatcher (%s) is not reading: leaving without goodbye", self.spec)
+            log.warning("the dispatcher (%s) is not connected: leaving without goodbye", self.spec)
         log.info("leaving the dispatcher (%s): no new request; serving those given", self.spec)
 
     def close_receiver(self) -> None:
         """The receiver, at the end of the drain."""
+        self.dealer.disable_monitor()
+        self.monitor.close(linger=0)
         self.dealer.close(linger=0)
-        self.wake_in.close(linger=0)
 
     def close(self) -> None:
-        with self.wake_lock:
-            if self.wake_out is not None:
-                self.wake_out.close(linger=0)
-                self.wake_out = None
+        with self.lock:
+            fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
 
 
 class Crew:
@@ -768,17 +850,11 @@ class Mongrel2Server(Server):
         self.pull: Any = None
         self.drain: PullDrain | None = None  # set by start()
         self.dispatcher: str | None = settings.m2_dispatcher or None
-        if self.dispatcher is not None:
-            if not self.blocking:
-                raise UsageError(
-                    "--m2-dispatcher: only with --backend threads (for now); "
-                    f"not with --backend {settings.backend}"
-                )
-            if not self.dispatcher.startswith(("tcp://", "ipc://")):
-                raise UsageError(
-                    f"--m2-dispatcher {self.dispatcher}: not a ZeroMQ endpoint "
-                    "(tcp://host:port or ipc://path)"
-                )
+        if self.dispatcher is not None and not self.dispatcher.startswith(("tcp://", "ipc://")):
+            raise UsageError(
+                f"--m2-dispatcher {self.dispatcher}: not a ZeroMQ endpoint "
+                "(tcp://host:port or ipc://path)"
+            )
         self.credit: Credit | None = None  # credit mode: set by start()
         self.leftover: deque[Job] = deque()  # requests left in the queue when we closed it
         self.publisher: Publisher = None  # type: ignore[assignment]  # set by start()
@@ -946,6 +1022,11 @@ class Mongrel2Server(Server):
     def wait_fd(self, fd: int, timeout: float) -> None:
         """Wait until ``fd`` is readable or ``timeout`` passes, letting other tasks run."""
         self.engine.wait_readable(fd, timeout)
+
+    def wait_fds(self, fds: tuple[int, ...], timeout: float) -> None:
+        """Wait until one of ``fds`` is readable or ``timeout`` passes, letting other tasks
+        run (the cooperative engines override it)."""
+        select.select(fds, (), (), timeout)
 
     def receive_job(self, leave: Callable[[], bool]) -> Job | None:
         """For a crew thread holding the socket: receive until there is a request to run;
