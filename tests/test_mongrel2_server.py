@@ -169,6 +169,22 @@ def test_pipelined_requests_are_answered_in_order(procs, fake, backend):
     assert "Traceback" not in proc.output()
 
 
+@pytest.mark.parametrize("backend", ["threads", "gevent", "eventlet"])
+def test_zeromq_io_thread_does_not_preempt_the_requests(procs, fake, backend):
+    """ZeroMQ's I/O thread runs SCHED_BATCH (woken by a message, it waits for the request
+    thread to yield instead of preempting it); the request threads keep the default."""
+    proc = start_handler(procs, fake, backend=backend)
+    fake.send("7", "/")
+    fake.wait("7", lambda f: b"hello" in b"".join(f))
+    policies: dict[str, set[int]] = {}
+    for task in os.listdir(f"/proc/{proc.pid}/task"):
+        name = Path(f"/proc/{proc.pid}/task/{task}/comm").read_text().strip()
+        policies.setdefault(name, set()).add(os.sched_getscheduler(int(task)))
+    io = {p for name, found in policies.items() if name.startswith("ZMQbg/IO") for p in found}
+    assert io == {os.SCHED_BATCH}, policies
+    assert policies["python"] == {os.SCHED_OTHER}, policies
+
+
 def test_handler_waits_for_mongrel2_and_follows_its_restarts(procs):
     port = port_pair()
     proc = procs.chaussette("--protocol", "mongrel2", "--zeromq", f"tcp://127.0.0.1:{port}", APP)
